@@ -20,7 +20,8 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(
   } else {
     std::ifstream in(options.tls_ca, std::ios::binary);
     if (!in) {
-      return absl::InvalidArgumentError("cannot read CA file " + options.tls_ca);
+      return absl::InvalidArgumentError("cannot read CA file " +
+                                        options.tls_ca);
     }
     std::stringstream pem;
     pem << in.rdbuf();

@@ -1,7 +1,7 @@
+#include "common/dashed_flags.h"
+
 #include <cctype>
 #include <cstring>
-
-#include "common/dashed_flags.h"
 
 namespace kennel {
 

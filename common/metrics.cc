@@ -1,6 +1,8 @@
 #include "common/metrics.h"
 
 #include <dirent.h>
+#include <prometheus/exposer.h>
+#include <prometheus/text_serializer.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -8,9 +10,6 @@
 #include <fstream>
 #include <sstream>
 #include <vector>
-
-#include <prometheus/exposer.h>
-#include <prometheus/text_serializer.h>
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
@@ -42,7 +41,8 @@ class ProcessCollector : public prometheus::Collectable {
       size_t i = stat_index - 3;
       return i < fields.size() ? std::strtod(fields[i].c_str(), nullptr) : 0;
     };
-    Add(out, "process_cpu_seconds_total", "User and system CPU time spent in seconds.",
+    Add(out, "process_cpu_seconds_total",
+        "User and system CPU time spent in seconds.",
         prometheus::MetricType::Counter, (field(14) + field(15)) / ticks);
     Add(out, "process_virtual_memory_bytes", "Virtual memory size in bytes.",
         prometheus::MetricType::Gauge, field(23));
@@ -114,13 +114,23 @@ std::pair<std::string, std::string> SplitMethod(absl::string_view full_method) {
 }
 
 const char* CodeName(int code) {
-  static const char* const kNames[] = {
-      "OK",           "CANCELLED",        "UNKNOWN",
-      "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-      "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
-      "FAILED_PRECONDITION", "ABORTED",     "OUT_OF_RANGE",
-      "UNIMPLEMENTED", "INTERNAL",          "UNAVAILABLE",
-      "DATA_LOSS",    "UNAUTHENTICATED"};
+  static const char* const kNames[] = {"OK",
+                                       "CANCELLED",
+                                       "UNKNOWN",
+                                       "INVALID_ARGUMENT",
+                                       "DEADLINE_EXCEEDED",
+                                       "NOT_FOUND",
+                                       "ALREADY_EXISTS",
+                                       "PERMISSION_DENIED",
+                                       "RESOURCE_EXHAUSTED",
+                                       "FAILED_PRECONDITION",
+                                       "ABORTED",
+                                       "OUT_OF_RANGE",
+                                       "UNIMPLEMENTED",
+                                       "INTERNAL",
+                                       "UNAVAILABLE",
+                                       "DATA_LOSS",
+                                       "UNAUTHENTICATED"};
   if (code < 0 || code > 16) return "UNKNOWN";
   return kNames[code];
 }
@@ -141,7 +151,8 @@ class RpcMetricsInterceptor : public grpc::experimental::Interceptor {
     if (!recorded_) Finish(static_cast<int>(grpc::StatusCode::CANCELLED));
   }
 
-  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+  void Intercept(
+      grpc::experimental::InterceptorBatchMethods* methods) override {
     if (methods->QueryInterceptionHookPoint(
             grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS)) {
       Finish(static_cast<int>(methods->GetSendStatus().error_code()));
@@ -170,7 +181,8 @@ class RpcMetricsInterceptorFactory
       : metrics_(metrics) {}
   grpc::experimental::Interceptor* CreateServerInterceptor(
       grpc::experimental::ServerRpcInfo* info) override {
-    return new RpcMetricsInterceptor(metrics_, info->method() ? info->method() : "");
+    return new RpcMetricsInterceptor(metrics_,
+                                     info->method() ? info->method() : "");
   }
 
  private:
@@ -181,7 +193,7 @@ class RpcMetricsInterceptorFactory
 
 prometheus::Histogram::BucketBoundaries LatencyBuckets() {
   return {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-          0.25,   0.5,   1,      2.5,   5,    10,    30,    60};
+          0.25,   0.5,   1,      2.5,   5,    10,    30,   60};
 }
 
 RpcMetrics::RpcMetrics(prometheus::Registry& registry)
@@ -207,8 +219,9 @@ void RpcMetrics::Record(absl::string_view full_method, int code,
             {"grpc_method", method},
             {"grpc_code", CodeName(code)}})
       .Increment();
-  latency.Add({{"grpc_service", service}, {"grpc_method", method}},
-              LatencyBuckets())
+  latency
+      .Add({{"grpc_service", service}, {"grpc_method", method}},
+           LatencyBuckets())
       .Observe(seconds);
 }
 

@@ -11,8 +11,8 @@
 #include <sstream>
 #include <thread>
 
-#include "absl/strings/match.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 
 namespace kennel {
@@ -97,12 +97,16 @@ absl::Status Server::Start() {
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   // Let clients ping every 10 s to keep long streams (watches, training
   // progress) alive through proxies.
-  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
-                             10000);
+  builder.AddChannelArgument(
+      GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000);
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0);
+  // gRPC sets SO_REUSEPORT by default, which lets a second server silently
+  // share a port that is already taken; a busy port must be an error.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   for (auto& [service, name] : services_) builder.RegisterService(service);
 
-  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>>
+  std::vector<
+      std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>>
       interceptors;
   interceptors.push_back(metrics_.NewInterceptorFactory());
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
@@ -110,9 +114,9 @@ absl::Status Server::Start() {
   server_ = builder.BuildAndStart();
   if (server_ == nullptr || port_ == 0) {
     server_.reset();
-    return absl::UnavailableError(absl::StrCat(
-        "cannot listen on ", listen,
-        " (address in use, or not an address of this machine?)"));
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", listen,
+                     " (address in use, or not an address of this machine?)"));
   }
   if (absl::Status s = metrics_.Start(options_.metrics_listen); !s.ok()) {
     server_->Shutdown(std::chrono::system_clock::now());
@@ -125,11 +129,11 @@ absl::Status Server::Start() {
             << listen.substr(0, listen.rfind(':')) << ":" << port_
             << (options_.tls_cert.empty() ? " (plaintext)" : " (TLS)")
             << "; metrics on "
-            << (metrics_.port() ? absl::StrCat(
-                                      options_.metrics_listen.substr(
-                                          0, options_.metrics_listen.rfind(':')),
-                                      ":", metrics_.port(), "/metrics")
-                                : std::string("(off)"));
+            << (metrics_.port()
+                    ? absl::StrCat(options_.metrics_listen.substr(
+                                       0, options_.metrics_listen.rfind(':')),
+                                   ":", metrics_.port(), "/metrics")
+                    : std::string("(off)"));
   return absl::OkStatus();
 }
 

@@ -5,8 +5,8 @@
 
 #include "absl/flags/flag.h"
 #include "common/grpc_status.h"
-#include "services/cli/command.h"
 #include "grpc/health/v1/health.grpc.pb.h"
+#include "services/cli/command.h"
 
 namespace kennel::cli {
 namespace {
@@ -26,7 +26,8 @@ int RunHealth(const std::vector<std::string>& args) {
   grpc::Status status = stub->Check(&context, request, &response);
   if (!status.ok()) return Fail(FromGrpcStatus(status));
   const std::string name =
-      grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status());
+      grpc::health::v1::HealthCheckResponse::ServingStatus_Name(
+          response.status());
   if (absl::GetFlag(FLAGS_json)) {
     std::cout << ToJson(response) << "\n";
   } else {
@@ -37,13 +38,14 @@ int RunHealth(const std::vector<std::string>& args) {
              : kExitFailed;
 }
 
-KENNEL_CLI_COMMAND({"health", "ask a service whether it is serving",
-                    "Usage: kennel health [SERVICE] --addr HOST:PORT\n\n"
-                    "Calls grpc.health.v1.Health/Check on the service at --addr "
-                    "(default the registry,\n127.0.0.1:50051) and prints its "
-                    "status. SERVICE narrows the question to one\nservice "
-                    "(e.g. kennel.v1.Classifier). Exits 0 only when SERVING.\n",
-                    &RunHealth});
+KENNEL_CLI_COMMAND(
+    {"health", "ask a service whether it is serving",
+     "Usage: kennel health [SERVICE] --addr HOST:PORT\n\n"
+     "Calls grpc.health.v1.Health/Check on the service at --addr "
+     "(default the registry,\n127.0.0.1:50051) and prints its "
+     "status. SERVICE narrows the question to one\nservice "
+     "(e.g. kennel.v1.Classifier). Exits 0 only when SERVING.\n",
+     &RunHealth});
 
 }  // namespace
 }  // namespace kennel::cli

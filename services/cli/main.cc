@@ -95,7 +95,8 @@ std::string Table(const std::vector<std::vector<std::string>>& rows) {
     std::string line;
     for (size_t i = 0; i < row.size(); ++i) {
       line += row[i];
-      if (i + 1 < row.size()) line += std::string(widths[i] - row[i].size() + 2, ' ');
+      if (i + 1 < row.size())
+        line += std::string(widths[i] - row[i].size() + 2, ' ');
     }
     out += line + "\n";
   }
@@ -109,15 +110,18 @@ std::string TopLevelHelp() {
       "kennel: train, version and serve image classifiers.\n\n"
       "Usage: kennel COMMAND [ARGS] [FLAGS]\n\nCommands:\n";
   size_t width = 0;
-  for (const auto& [name, command] : Commands()) width = std::max(width, name.size());
+  for (const auto& [name, command] : Commands())
+    width = std::max(width, name.size());
   for (const auto& [name, command] : Commands()) {
     out += absl::StrCat("  ", name, std::string(width - name.size() + 2, ' '),
                         command.summary, "\n");
   }
   out +=
       "\nFlags every command takes:\n"
-      "  --addr HOST:PORT     the service to talk to (each command has a default)\n"
-      "  --token-file FILE    bearer token for mutating calls ($KENNEL_TOKEN_FILE)\n"
+      "  --addr HOST:PORT     the service to talk to (each command has a "
+      "default)\n"
+      "  --token-file FILE    bearer token for mutating calls "
+      "($KENNEL_TOKEN_FILE)\n"
       "  --tls-ca FILE        connect with TLS, trusting this CA\n"
       "  --timeout DURATION   deadline of each call (default 30s)\n"
       "  --json               print results as JSON\n"
@@ -138,7 +142,8 @@ int main(int argc, char** argv) {
   using namespace kennel::cli;
   FLAGS_logtostderr = true;
   google::InitGoogleLogging(argv[0]);
-  absl::SetProgramUsageMessage("kennel COMMAND [ARGS] [FLAGS]; see kennel --help");
+  absl::SetProgramUsageMessage(
+      "kennel COMMAND [ARGS] [FLAGS]; see kennel --help");
 
   // Help is answered before flag parsing, per command.
   const char* command_name = nullptr;

@@ -1,0 +1,154 @@
+#include "common/metrics.h"
+
+#include <grpcpp/create_channel.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <gtest/gtest.h>
+
+#include <thread>
+
+#include "common/server.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+
+namespace kennel {
+namespace {
+
+using grpc::health::v1::Health;
+using grpc::health::v1::HealthCheckRequest;
+using grpc::health::v1::HealthCheckResponse;
+
+class ServerMetricsTest : public testing::Test {
+ protected:
+  void SetUp() override {
+    ServerOptions options;
+    options.name = "kennel-test";
+    options.listen = "127.0.0.1:0";
+    options.drain_grace = absl::Seconds(2);
+    server_ = std::make_unique<Server>(options);
+    ASSERT_TRUE(server_->Start().ok());
+    channel_ =
+        grpc::CreateChannel("127.0.0.1:" + std::to_string(server_->port()),
+                            grpc::InsecureChannelCredentials());
+    stub_ = Health::NewStub(channel_);
+  }
+
+  grpc::Status Check(const std::string& service,
+                     HealthCheckResponse* response) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() +
+                         std::chrono::seconds(5));
+    HealthCheckRequest request;
+    request.set_service(service);
+    return stub_->Check(&context, request, response);
+  }
+
+  std::unique_ptr<Server> server_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<Health::Stub> stub_;
+};
+
+TEST_F(ServerMetricsTest, InterceptorCountsEveryRpcByMethodAndCode) {
+  HealthCheckResponse response;
+  ASSERT_TRUE(Check("", &response).ok());
+  ASSERT_TRUE(Check("", &response).ok());
+  EXPECT_EQ(response.status(), HealthCheckResponse::SERVING);
+  grpc::Status unknown = Check("no.such.Service", &response);
+  EXPECT_EQ(unknown.error_code(), grpc::StatusCode::NOT_FOUND);
+
+  std::string text = server_->metrics().Scrape();
+  EXPECT_NE(text.find("kennel_grpc_server_handled_total{grpc_code=\"OK\","
+                      "grpc_method=\"Check\",grpc_service=\"grpc.health.v1."
+                      "Health\"} 2"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(
+      text.find("kennel_grpc_server_handled_total{grpc_code=\"NOT_FOUND\","
+                "grpc_method=\"Check\",grpc_service=\"grpc.health.v1."
+                "Health\"} 1"),
+      std::string::npos)
+      << text;
+  EXPECT_NE(text.find("kennel_grpc_server_handling_seconds_count{grpc_method="
+                      "\"Check\",grpc_service=\"grpc.health.v1.Health\"} 3"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("kennel_grpc_server_started_total{grpc_method=\"Check\","
+                      "grpc_service=\"grpc.health.v1.Health\"} 3"),
+            std::string::npos)
+      << text;
+}
+
+TEST_F(ServerMetricsTest, UnknownMethodsShareOneLabelSoSeriesStayBounded) {
+  grpc::GenericStub generic(channel_);
+  for (const char* method : {"/evil.Service/A", "/evil.Service/B"}) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() +
+                         std::chrono::seconds(5));
+    grpc::Slice empty("");
+    grpc::ByteBuffer request(&empty, 1), response;
+    grpc::Status status;
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    generic.UnaryCall(&context, method, grpc::StubOptions(), &request,
+                      &response, [&](grpc::Status s) {
+                        std::lock_guard<std::mutex> lock(mu);
+                        status = s;
+                        done = true;
+                        cv.notify_one();
+                      });
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return done; });
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::UNIMPLEMENTED);
+  }
+  std::string text = server_->metrics().Scrape();
+  EXPECT_EQ(text.find("evil"), std::string::npos) << text;
+}
+
+TEST_F(ServerMetricsTest, ScrapeHasProcessMetrics) {
+  std::string text = server_->metrics().Scrape();
+  for (const char* name :
+       {"process_cpu_seconds_total ", "process_resident_memory_bytes ",
+        "process_open_fds ", "process_start_time_seconds ",
+        "kennel_build_info{"}) {
+    EXPECT_NE(text.find(name), std::string::npos) << name << "\n" << text;
+  }
+  // The start time is a plausible Unix time, not seconds since boot.
+  const std::string sample = "\nprocess_start_time_seconds ";
+  size_t at = text.find(sample);
+  ASSERT_NE(at, std::string::npos);
+  double start = std::stod(text.substr(at + sample.size()));
+  EXPECT_GT(start, 1.6e9);
+}
+
+TEST_F(ServerMetricsTest, ShutdownReportsNotServingAndEndsWait) {
+  std::thread waiter([&] { server_->Wait(); });
+  server_->Shutdown();
+  waiter.join();
+  HealthCheckResponse response;
+  grpc::Status status = Check("", &response);
+  EXPECT_FALSE(status.ok() &&
+               response.status() == HealthCheckResponse::SERVING);
+}
+
+TEST(ServerTest, BusyPortIsAClearError) {
+  ServerOptions first_options;
+  first_options.listen = "127.0.0.1:0";
+  Server first(first_options);
+  ASSERT_TRUE(first.Start().ok());
+  ServerOptions second_options;
+  second_options.listen = "127.0.0.1:" + std::to_string(first.port());
+  Server second(second_options);
+  absl::Status status = second.Start();
+  EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(std::string(status.message()).find("cannot listen"),
+            std::string::npos);
+}
+
+TEST(ServerTest, TlsNeedsBothCertAndKey) {
+  ServerOptions options;
+  options.tls_cert = "cert.pem";
+  Server server(options);
+  EXPECT_EQ(server.Start().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace kennel
