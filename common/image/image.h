@@ -10,14 +10,13 @@
 #define KENNEL_COMMON_IMAGE_IMAGE_H_
 
 #include <cstdint>
+#include <opencv2/core/mat.hpp>
 #include <random>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <vector>
 
-#include <opencv2/core/mat.hpp>
-
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "kennel/v1/common.pb.h"
 
 namespace kennel::image {
@@ -29,6 +28,12 @@ Format SniffFormat(absl::string_view bytes);
 absl::string_view FormatName(Format format);
 // "image/jpeg" -> kJpeg, etc.; kUnknown for anything else.
 Format FormatFromContentType(absl::string_view content_type);
+
+// OK when `content_type` is empty or names the format the bytes carry;
+// INVALID_ARGUMENT when it names an unsupported type or contradicts the
+// magic bytes.
+absl::Status CheckContentType(absl::string_view bytes,
+                              absl::string_view content_type);
 
 struct DecodeLimits {
   // Largest encoded size accepted.
@@ -44,7 +49,8 @@ struct ImageInfo {
   int height = 0;
 };
 
-// Reads format and dimensions from the header without decoding pixels.
+// Reads format and dimensions (as stored, before any EXIF rotation) from the
+// header without decoding pixels.
 absl::StatusOr<ImageInfo> Probe(absl::string_view bytes);
 
 // Decodes to 8-bit, 3-channel RGB: EXIF orientation applied, grey expanded to
@@ -64,7 +70,10 @@ int MinDecodeSide(const kennel::v1::Preprocessing& spec);
 int64_t TensorSize(const kennel::v1::Preprocessing& spec);
 
 // Resize, centre crop and normalise an RGB image into `out` (TensorSize
-// floats, CHW, channels in spec.color_order).
+// floats, CHW, channels in spec.color_order). The resize is Pillow's
+// antialiased bilinear filter, computed with Pillow's own fixed-point
+// arithmetic, so the result equals torchvision's Resize / CenterCrop /
+// ToTensor / Normalize on a PIL image of the same pixels.
 absl::Status Preprocess(const cv::Mat& rgb,
                         const kennel::v1::Preprocessing& spec, float* out);
 
