@@ -6,9 +6,13 @@
 #include <set>
 
 #include "absl/status/status.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 
 namespace kennel::trainer {
 namespace {
@@ -328,6 +332,68 @@ absl::StatusOr<TuneOptions> TuneOptionsFromRequest(
   options.space = *std::move(space);
   options.base = request.base();
   return options;
+}
+
+absl::StatusOr<ParameterFlag> ParseParameterFlag(const std::string& name,
+                                                 const std::string& flag,
+                                                 const std::string& text) {
+  auto bad = [&](const std::string& why) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--", flag, "=", text, ": ", why,
+        "; write a value (0.01), a set (64,128,256) or a range (0.001:0.1 or "
+        "0.001:0.1:log)"));
+  };
+  auto number = [&](absl::string_view part, double* out) {
+    return absl::SimpleAtod(absl::StripAsciiWhitespace(part), out) &&
+           std::isfinite(*out);
+  };
+  const bool integer = IsIntegerParameter(name);
+  ParameterFlag result;
+  result.range.set_name(name);
+  if (text.find(':') != std::string::npos) {
+    std::vector<absl::string_view> parts = absl::StrSplit(text, ':');
+    if (parts.size() < 2 || parts.size() > 3)
+      return bad("a range has 2 or 3 parts");
+    double lo, hi;
+    if (!number(parts[0], &lo) || !number(parts[1], &hi)) {
+      return bad("range bounds must be numbers");
+    }
+    kennel::v1::Scale scale = kennel::v1::SCALE_LINEAR;
+    if (parts.size() == 3) {
+      const absl::string_view s = absl::StripAsciiWhitespace(parts[2]);
+      if (s == "log") {
+        scale = kennel::v1::SCALE_LOG;
+      } else if (s != "linear" && s != "lin") {
+        return bad(absl::StrCat("unknown scale \"", s, "\" (log or linear)"));
+      }
+    }
+    if (integer) {
+      if (!IsWhole(lo) || !IsWhole(hi))
+        return bad("bounds must be whole numbers");
+      auto* r = result.range.mutable_integer();
+      r->set_min(static_cast<int64_t>(lo));
+      r->set_max(static_cast<int64_t>(hi));
+      r->set_scale(scale);
+    } else {
+      auto* r = result.range.mutable_continuous();
+      r->set_min(lo);
+      r->set_max(hi);
+      r->set_scale(scale);
+    }
+    return result;
+  }
+  if (text.find(',') != std::string::npos) {
+    auto* set = result.range.mutable_categorical();
+    for (absl::string_view part : absl::StrSplit(text, ',')) {
+      double v;
+      if (!number(part, &v)) return bad("set members must be numbers");
+      set->add_values(v);
+    }
+    return result;
+  }
+  if (!number(text, &result.value)) return bad("not a number");
+  result.fixed = true;
+  return result;
 }
 
 double ObjectiveCost(kennel::v1::Objective objective, double valid_loss,

@@ -107,6 +107,23 @@ inline constexpr int kMaxTrials = 1000;
 absl::StatusOr<TuneOptions> TuneOptionsFromRequest(
     const kennel::v1::TuneRequest& request);
 
+// One hyperparameter as a person writes it on a command line.
+struct ParameterFlag {
+  // A single value: not tuned, it goes into the base hyperparameters.
+  bool fixed = false;
+  double value = 0;
+  // Otherwise the range to search.
+  kennel::v1::ParameterRange range;
+};
+
+// Parses "0.01" (fixed), "64,128,256" (a categorical set), "0.001:0.1" or
+// "0.001:0.1:log" (a range: integer for batch_size and epochs, continuous
+// otherwise). INVALID_ARGUMENT naming `flag` for anything else. The range
+// itself is checked by SearchSpace::FromProto.
+absl::StatusOr<ParameterFlag> ParseParameterFlag(const std::string& name,
+                                                 const std::string& flag,
+                                                 const std::string& text);
+
 // The objective as a cost to minimise: the valid loss, or minus the valid
 // accuracy. NaN (a diverged trial) becomes +infinity so it ranks last.
 double ObjectiveCost(kennel::v1::Objective objective, double valid_loss,

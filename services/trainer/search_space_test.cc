@@ -249,6 +249,47 @@ TEST(SearchSpaceTest, ApplyAndExtractAreInverses) {
   EXPECT_EQ(options->space.Extract(hp), point);
 }
 
+TEST(ParameterFlagTest, ParsesValuesSetsAndRanges) {
+  auto fixed = ParseParameterFlag("learning_rate", "lr", "0.01");
+  ASSERT_TRUE(fixed.ok()) << fixed.status();
+  EXPECT_TRUE(fixed->fixed);
+  EXPECT_DOUBLE_EQ(fixed->value, 0.01);
+
+  auto log = ParseParameterFlag("learning_rate", "lr", "0.001:0.1:log");
+  ASSERT_TRUE(log.ok());
+  EXPECT_FALSE(log->fixed);
+  EXPECT_EQ(log->range.name(), "learning_rate");
+  EXPECT_DOUBLE_EQ(log->range.continuous().min(), 0.001);
+  EXPECT_DOUBLE_EQ(log->range.continuous().max(), 0.1);
+  EXPECT_EQ(log->range.continuous().scale(), kennel::v1::SCALE_LOG);
+
+  auto wd = ParseParameterFlag("weight_decay", "weight-decay", "0:1e-5");
+  ASSERT_TRUE(wd.ok());
+  EXPECT_EQ(wd->range.continuous().scale(), kennel::v1::SCALE_LINEAR);
+  EXPECT_DOUBLE_EQ(wd->range.continuous().max(), 1e-5);
+
+  auto bs = ParseParameterFlag("batch_size", "batch-size", "64,128,256");
+  ASSERT_TRUE(bs.ok());
+  EXPECT_EQ(bs->range.categorical().values_size(), 3);
+
+  auto epochs = ParseParameterFlag("epochs", "epochs", "2:8");
+  ASSERT_TRUE(epochs.ok());
+  EXPECT_EQ(epochs->range.integer().min(), 2);
+  EXPECT_EQ(epochs->range.integer().max(), 8);
+}
+
+TEST(ParameterFlagTest, RefusesWhatItCannotRead) {
+  for (const char* text :
+       {"", "abc", "0.1:", "1:2:3:4", "0.1:1:cubic", "64,x"}) {
+    auto parsed = ParseParameterFlag("learning_rate", "lr", text);
+    EXPECT_EQ(parsed.status().code(), absl::StatusCode::kInvalidArgument)
+        << text;
+    EXPECT_THAT(std::string(parsed.status().message()), HasSubstr("--lr="))
+        << text;
+  }
+  EXPECT_FALSE(ParseParameterFlag("batch_size", "batch-size", "16.5:64").ok());
+}
+
 TEST(ObjectiveTest, AccuracyIsNegatedAndNanRanksLast) {
   EXPECT_EQ(ObjectiveCost(kennel::v1::OBJECTIVE_VALID_LOSS, 0.5, 0.9), 0.5);
   EXPECT_EQ(ObjectiveCost(kennel::v1::OBJECTIVE_VALID_ACCURACY, 0.5, 0.9),
