@@ -75,40 +75,45 @@ done
 # through /etc/alternatives to the real provider. Ask for every spelling in
 # one dpkg-query call (one pass over its database instead of one per file).
 while read -r path; do
-  real=$(readlink -f "$path")
-  for p in "$path" "$real"; do
-    echo "$p"
-    case "$p" in
-      /usr/*) echo "${p#/usr}" ;;
-      *) echo "/usr$p" ;;
-    esac
-  done
-done <"$work/paths" | sort -u >"$work/candidates"
+  printf '%s\t%s\n' "$path" "$(readlink -f "$path")"
+done <"$work/paths" >"$work/real"
+awk -F '\t' '{
+  for (i = 1; i <= 2; i++) {
+    print $i
+    if (substr($i, 1, 5) == "/usr/") print substr($i, 5); else print "/usr" $i
+  }
+}' "$work/real" | sort -u >"$work/candidates"
 
 # Output lines look like "pkg[:arch][, pkg2[:arch]]: /path".
+: >"$work/owners"
 if [ -s "$work/candidates" ]; then
   xargs dpkg-query -S <"$work/candidates" 2>/dev/null >"$work/owners" || true
-else
-  : >"$work/owners"
 fi
 
-while read -r path; do
-  real=$(readlink -f "$path")
-  found=""
-  for p in "$path" "$real" "/usr$path" "${path#/usr}" "/usr$real" "${real#/usr}"; do
-    line=$(grep -F ": $p" "$work/owners" | awk -v p="$p" 'substr($0, length($0) - length(p) + 1) == p && substr($0, length($0) - length(p) - 1, 2) == ": "' | head -n1)
-    if [ -n "$line" ]; then
-      found=${line%%: /*}
-      break
-    fi
-  done
-  if [ -z "$found" ]; then
-    echo "runtime-packages: no Debian package owns $path" >&2
-    status=1
-    continue
-  fi
-  echo "$found" | tr ',' '\n' | sed -e 's/^ *//' -e 's/:.*//' >>"$work/packages"
-done <"$work/paths"
+# The first spelling dpkg knows names the owner(s).
+awk -F '\t' -v owners="$work/owners" -v out="$work/packages" '
+  BEGIN {
+    while ((getline line < owners) > 0) {
+      split_at = index(line, ": /")
+      if (split_at == 0) continue
+      owner[substr(line, split_at + 2)] = substr(line, 1, split_at - 1)
+    }
+  }
+  function other(p) { return substr(p, 1, 5) == "/usr/" ? substr(p, 5) : "/usr" p }
+  {
+    n = split($1 "\t" $2 "\t" other($1) "\t" other($2), spellings, "\t")
+    found = ""
+    for (i = 1; i <= n && found == ""; i++) if (spellings[i] in owner) found = owner[spellings[i]]
+    if (found == "") {
+      print "runtime-packages: no Debian package owns " $1 > "/dev/stderr"
+      missing = 1
+      next
+    }
+    k = split(found, pkgs, ", ")
+    for (j = 1; j <= k; j++) { sub(/:.*/, "", pkgs[j]); print pkgs[j] > out }
+  }
+  END { exit missing }
+' "$work/real" || status=1
 
 touch "$work/packages"
 sort -u "$work/packages"

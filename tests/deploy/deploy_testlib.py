@@ -190,3 +190,62 @@ def matches(selector, labels):
 
 def have_tool(name):
     return shutil.which(name) is not None
+
+
+# ---------------------------------------------------------------- PromQL
+
+_PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool",
+                 "and", "or", "unless", "offset", "inf", "nan", "atan2", "start", "end"}
+# Grafana's variables, replaced by values Prometheus accepts.
+GRAFANA_VARIABLES = {"__rate_interval": "1m", "__interval": "1m", "__range": "1h",
+                     "training_job": "no-such-job"}
+
+
+def grafana_expand(expr):
+    """Replaces $var and ${var} with GRAFANA_VARIABLES; fails on others."""
+    def sub(m):
+        name = m.group(1) or m.group(2)
+        if name not in GRAFANA_VARIABLES:
+            raise AssertionError(f"unknown dashboard variable ${name} in {expr!r}")
+        return GRAFANA_VARIABLES[name]
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", sub, expr)
+
+
+def promql_metric_names(expr):
+    """Metric names a PromQL expression selects (bare identifiers that are
+    not functions, aggregations, keywords, label names or durations)."""
+    s = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', '""', expr)
+    s = re.sub(r"\{[^}]*\}", " ", s)          # label matchers
+    s = re.sub(r"\[[^\]]*\]", " ", s)         # ranges and subqueries
+    s = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", s)
+    names = set()
+    for m in re.finditer(r"(?<![\w.])([A-Za-z_:][A-Za-z0-9_:]*)", s):
+        if s[m.end():].lstrip().startswith("("):
+            continue  # a function or an aggregation
+        if m.group(1).lower() in _PROMQL_WORDS:
+            continue
+        names.add(m.group(1))
+    return names
+
+
+def dashboard_queries(dashboard):
+    """(where, expression) of every panel target and query variable."""
+    out = []
+
+    def walk(panels):
+        for p in panels:
+            for t in p.get("targets", []):
+                if t.get("expr"):
+                    out.append((f"panel {p.get('id')} {p.get('title')!r} {t.get('refId')}",
+                                t["expr"]))
+            walk(p.get("panels", []))
+    walk(dashboard.get("panels", []))
+    for v in dashboard.get("templating", {}).get("list", []):
+        if v.get("type") != "query":
+            continue
+        query = v["query"]["query"] if isinstance(v.get("query"), dict) else v.get("query")
+        m = re.fullmatch(r"\s*label_values\((.*),\s*(\w+)\)\s*", query)
+        if m:  # Grafana's own function: the series selector is the first part
+            query = m.group(1)
+        out.append((f"variable {v['name']}", query))
+    return out
