@@ -33,11 +33,20 @@ TuneScheduler::TuneScheduler(TuneOptions options,
 
 TuneScheduler::~TuneScheduler() = default;
 
+void TuneScheduler::SetWorkers(int workers) { workers_ = std::max(1, workers); }
+
 std::string TuneScheduler::Describe() const {
+  const int parallel =
+      std::min(options_.max_parallel_trials, std::max(1, num_trials_));
+  const int workers = workers_ > 0 ? std::min(workers_, parallel) : parallel;
   return absl::StrCat(
-      searcher_->Describe(), ", ", num_trials_, " trials, ",
-      std::min(options_.max_parallel_trials, std::max(1, num_trials_)),
-      " at a time, objective ", ObjectiveName(options_.objective), ", ",
+      searcher_->Describe(), ", ", num_trials_, " trials, ", parallel,
+      " at a time",
+      workers < parallel
+          ? absl::StrCat(" (", workers,
+                         " training at once within the thread budget)")
+          : std::string(),
+      ", objective ", ObjectiveName(options_.objective), ", ",
       options_.early_stopping
           ? absl::StrCat("successive halving (eta ", options_.eta, ")")
           : std::string("early stopping off"));
@@ -130,7 +139,7 @@ void TuneScheduler::RunOne(TrialRunner* runner, Claim claim) {
     return !stop_requested && !Cancelled();
   };
 
-  absl::StatusOr<kennel::v1::ModelMetrics> result =
+  absl::StatusOr<TrialOutcome> result =
       runner->RunTrial(trial, claim.hp, on_epoch);
   const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
 
@@ -157,14 +166,18 @@ void TuneScheduler::RunOne(TrialRunner* runner, Claim claim) {
     } else if (stop_requested) {
       state = TrialState::kStopped;
       reason = stop_reason;
-      end_metrics = *result;
+      end_metrics = result->metrics;
+    } else if (!result->stop_reason.empty()) {
+      state = TrialState::kStopped;
+      reason = result->stop_reason;
+      end_metrics = result->metrics;
     } else if (epochs_run < planned) {
       state = Cancelled() ? TrialState::kCancelled : TrialState::kStopped;
       reason = Cancelled() ? "the job was cancelled"
                            : "the trainer ended the trial early";
-      end_metrics = *result;
+      end_metrics = result->metrics;
     } else {
-      end_metrics = *result;
+      end_metrics = result->metrics;
     }
     if (state == TrialState::kCancelled && reason.empty()) {
       reason = "the job was cancelled";
@@ -216,8 +229,9 @@ TuneResult TuneScheduler::Run(TrialRunner* runner,
     QueueLocked(0, std::move(event));
   }
   Flush();
-  const int threads =
+  int threads =
       std::max(1, std::min(options_.max_parallel_trials, num_trials_));
+  if (workers_ > 0) threads = std::min(threads, workers_);
   std::vector<std::thread> workers;
   for (int i = 0; i < threads; ++i) {
     workers.emplace_back([this, runner] { Worker(runner); });

@@ -29,6 +29,16 @@
 
 namespace kennel::trainer {
 
+// How a trial that did not fail ended, as its runner saw it.
+struct TrialOutcome {
+  // Figures measured at the end (a test split), when the runner measures
+  // them.
+  kennel::v1::ModelMetrics metrics;
+  // Set when the runner itself ended the trial early (a training rule with
+  // action STOP); the trial counts as stopped, for this reason.
+  std::string stop_reason;
+};
+
 // Trains one trial. The scheduler calls RunTrial from up to
 // max_parallel_trials threads at once, so implementations must be
 // thread-safe.
@@ -39,9 +49,9 @@ class TrialRunner {
 
   // Trains `hp` as trial `trial` (1-based), calling `on_epoch` after every
   // epoch; when it returns false the trial stops after that epoch and keeps
-  // the model it has. Returns figures measured at the end (the test split,
-  // when the runner measures it) or an error, which fails only this trial.
-  virtual absl::StatusOr<kennel::v1::ModelMetrics> RunTrial(
+  // the model it has. An error fails only this trial (CANCELLED marks it
+  // cancelled).
+  virtual absl::StatusOr<TrialOutcome> RunTrial(
       int trial, const kennel::v1::Hyperparameters& hp,
       const EpochFn& on_epoch) = 0;
 
@@ -79,6 +89,11 @@ class TuneScheduler {
 
   // Trials this search will run (a grid may have fewer than max_trials).
   int NumTrials() const { return num_trials_; }
+  // Runs at most `workers` trials at once (at least 1), fewer than
+  // max_parallel_trials when the machine has less room. Which results each
+  // trial sees still follows max_parallel_trials, so the trials are the same
+  // for any `workers`. Call before Run.
+  void SetWorkers(int workers);
   // "random search, 16 trials, 4 at a time, successive halving (eta 3)".
   std::string Describe() const;
 
@@ -119,6 +134,7 @@ class TuneScheduler {
   std::unique_ptr<Searcher> searcher_;
   int num_trials_ = 0;
   bool waits_on_history_ = false;
+  int workers_ = 0;
   std::function<bool()> cancelled_;
 
   // Serialises calls of emit_ so events leave in queue order.

@@ -66,16 +66,17 @@ class FakeRunner : public TrialRunner {
   std::function<bool(const kennel::v1::Hyperparameters&)> diverge_if;
   std::function<bool()> cancelled;
   int max_sleep_ms = 4;
+  // Ends every trial after this epoch, as a STOP rule would (0: never).
+  int stop_after_epoch = 0;
 
-  absl::StatusOr<kennel::v1::ModelMetrics> RunTrial(
-      int trial, const kennel::v1::Hyperparameters& hp,
-      const EpochFn& on_epoch) override {
+  absl::StatusOr<TrialOutcome> RunTrial(int trial,
+                                        const kennel::v1::Hyperparameters& hp,
+                                        const EpochFn& on_epoch) override {
     const int now = ++running_;
     int seen = max_running_.load();
     while (now > seen && !max_running_.compare_exchange_weak(seen, now)) {
     }
     Rng jitter = Rng::For(jitter_seed_, 99, trial);
-    absl::StatusOr<kennel::v1::ModelMetrics> result;
     double loss = 0;
     int epoch = 1;
     for (; epoch <= hp.epochs(); ++epoch) {
@@ -91,16 +92,23 @@ class FakeRunner : public TrialRunner {
       e.set_valid_loss(loss);
       e.set_valid_accuracy(1 / (1 + loss));
       if (!on_epoch(e)) break;
+      if (stop_after_epoch > 0 && epoch == stop_after_epoch) {
+        ++epoch;
+        break;
+      }
     }
     --running_;
     if (cancelled && cancelled() && epoch <= hp.epochs()) {
       return absl::CancelledError("cancelled");
     }
     if (fail_if && fail_if(hp)) return absl::InternalError("out of memory");
-    kennel::v1::ModelMetrics m;
-    m.set_test_loss(loss);
-    m.set_test_accuracy(1 / (1 + loss));
-    return m;
+    TrialOutcome outcome;
+    outcome.metrics.set_test_loss(loss);
+    outcome.metrics.set_test_accuracy(1 / (1 + loss));
+    if (stop_after_epoch > 0 && epoch > stop_after_epoch) {
+      outcome.stop_reason = "stopped by rule loss_not_decreasing";
+    }
+    return outcome;
   }
 
   void Discard(int trial) override {
@@ -152,13 +160,14 @@ struct Recorded {
 };
 
 Recorded RunSearch(const kennel::v1::TuneRequest& request, FakeRunner& runner,
-                   std::function<bool()> cancelled = nullptr) {
+                   std::function<bool()> cancelled = nullptr, int workers = 0) {
   Recorded recorded;
   absl::Mutex mu;
   TuneScheduler scheduler(Options(request), [&](kennel::v1::JobEvent e) {
     absl::MutexLock lock(&mu);
     recorded.events.push_back(std::move(e));
   });
+  if (workers > 0) scheduler.SetWorkers(workers);
   recorded.result = scheduler.Run(
       &runner, cancelled ? cancelled : [] { return false; });
   return recorded;
@@ -174,7 +183,8 @@ TEST_P(DeterminismTest, SameSeedSameTrialsWhateverTheTiming) {
   third.max_sleep_ms = 9;
   Recorded a = RunSearch(request, first);
   Recorded b = RunSearch(request, second);
-  Recorded c = RunSearch(request, third);
+  // Fewer trials at once (a smaller thread budget) changes nothing either.
+  Recorded c = RunSearch(request, third, nullptr, /*workers=*/2);
   ASSERT_FALSE(a.Sequence().empty());
   EXPECT_EQ(a.Sequence(), b.Sequence());
   EXPECT_EQ(a.Sequence(), c.Sequence());
@@ -356,6 +366,43 @@ TEST(TuneSchedulerTest, KeepsOnlyTheBestTrialsModel) {
     if (runner.discarded().count(t) == 0) kept.insert(t);
   }
   EXPECT_EQ(kept, std::set<int>{r.result.best_trial});
+}
+
+TEST(TuneSchedulerTest, WorkersLimitTrialsAtOnce) {
+  FakeRunner runner(5);
+  runner.max_sleep_ms = 6;
+  Recorded r;
+  absl::Mutex mu;
+  TuneScheduler scheduler(
+      Options(Request(kennel::v1::SEARCH_STRATEGY_RANDOM, false, 8, 4)),
+      [&](kennel::v1::JobEvent e) {
+        absl::MutexLock lock(&mu);
+        r.events.push_back(std::move(e));
+      });
+  scheduler.SetWorkers(2);
+  EXPECT_THAT(
+      scheduler.Describe(),
+      HasSubstr("4 at a time (2 training at once within the thread budget)"));
+  r.result = scheduler.Run(&runner, [] { return false; });
+  EXPECT_EQ(runner.max_running(), 2);
+  EXPECT_EQ(r.result.finished, 8);
+}
+
+TEST(TuneSchedulerTest, ARunnerStopIsAStopWithItsReason) {
+  FakeRunner runner(5);
+  runner.stop_after_epoch = 2;
+  Recorded r = RunSearch(
+      Request(kennel::v1::SEARCH_STRATEGY_RANDOM, false, 4, 2), runner);
+  EXPECT_EQ(r.result.stopped, 4);
+  for (const auto& e : r.events) {
+    if (!e.has_trial_finished()) continue;
+    EXPECT_TRUE(e.trial_finished().stopped_early());
+    EXPECT_EQ(e.trial_finished().epochs_run(), 2);
+    EXPECT_EQ(e.trial_finished().reason(),
+              "stopped by rule loss_not_decreasing");
+  }
+  // With no trial run to its end, the best stopped one is kept.
+  EXPECT_GT(r.result.best_trial, 0);
 }
 
 TEST(TuneSchedulerTest, GridRunsItsPointsOnly) {
