@@ -71,6 +71,12 @@ absl::StatusOr<std::string> ResolveUnderRoot(const std::string& data_root,
 absl::StatusOr<Dataset> ScanImageFolder(const std::string& dir,
                                         const std::string& data_root);
 
+// Images that could not be read, per split (their paths).
+struct BadImages {
+  std::vector<std::string> train, valid, test;
+  size_t total() const { return train.size() + valid.size() + test.size(); }
+};
+
 // Counts images that could not be decoded in one split and decides when a
 // job must give up on the data set.
 struct BadImageBudget {

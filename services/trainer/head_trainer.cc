@@ -36,16 +36,16 @@ class SplitMix64 {
   uint64_t state_;
 };
 
-uint64_t Mix(uint64_t seed, uint64_t stream, uint64_t index) {
-  SplitMix64 a(seed ^ (stream * 0xd1b54a32d192ed03ULL));
-  SplitMix64 b(a.Next() ^ (index * 0x8cb92ba72f3d8dd7ULL));
-  return b.Next();
-}
-
 constexpr uint64_t kInitStream = 1;
 constexpr uint64_t kOrderStream = 2;
 
 }  // namespace
+
+uint64_t MixSeed(uint64_t seed, uint64_t stream, uint64_t index) {
+  SplitMix64 a(seed ^ (stream * 0xd1b54a32d192ed03ULL));
+  SplitMix64 b(a.Next() ^ (index * 0x8cb92ba72f3d8dd7ULL));
+  return b.Next();
+}
 
 absl::Status ValidateHeadConfig(const HeadConfig& config) {
   if (!(config.learning_rate > 0) || !std::isfinite(config.learning_rate)) {
@@ -72,7 +72,7 @@ HeadTrainer::HeadTrainer(std::shared_ptr<const FeatureSet> data)
 
 HeadWeights HeadTrainer::InitialWeights(int num_classes, int feature_dim,
                                         uint64_t seed) {
-  SplitMix64 rng(Mix(seed, kInitStream, 0));
+  SplitMix64 rng(MixSeed(seed, kInitStream, 0));
   const double bound = 1.0 / std::sqrt(static_cast<double>(feature_dim));
   HeadWeights w;
   w.weight = torch::empty({num_classes, feature_dim}, torch::kFloat32);
@@ -92,7 +92,7 @@ std::vector<int64_t> HeadTrainer::EpochOrder(int64_t n, uint64_t seed,
                                              int epoch) {
   std::vector<int64_t> order(n);
   for (int64_t i = 0; i < n; ++i) order[i] = i;
-  SplitMix64 rng(Mix(seed, kOrderStream, epoch));
+  SplitMix64 rng(MixSeed(seed, kOrderStream, epoch));
   for (int64_t i = n - 1; i > 0; --i) {
     const int64_t j = static_cast<int64_t>(rng.Next() % uint64_t(i + 1));
     std::swap(order[i], order[j]);

@@ -130,6 +130,10 @@ class HeadTrainer {
 
 absl::Status ValidateHeadConfig(const HeadConfig& config);
 
+// A 64-bit seed derived from (seed, stream, index), the same on every
+// platform; used for initialisation, batch order and augmentation.
+uint64_t MixSeed(uint64_t seed, uint64_t stream, uint64_t index);
+
 }  // namespace kennel::trainer
 
 #endif  // KENNEL_SERVICES_TRAINER_HEAD_TRAINER_H_

@@ -253,13 +253,18 @@ absl::StatusOr<std::string> JobManager::Submit(Job job, JobFn run) {
     const int ahead = running_ + static_cast<int>(queue_.size());
     jobs_[id] = record;
     queue_.push_back(record);
+    // The first event names the job at once, so a client can re-attach
+    // even before the job has produced anything.
+    JobEvent event;
     if (ahead >= options_.max_concurrent_jobs) {
-      JobEvent event;
-      event.set_log(absl::StrCat(
-          "queued behind ", ahead - options_.max_concurrent_jobs + 1,
-          " job(s); --max-concurrent-jobs is ", options_.max_concurrent_jobs));
-      AppendEvent(*record, std::move(event));
+      event.set_log(absl::StrCat("job ", id, " queued behind ",
+                                 ahead - options_.max_concurrent_jobs + 1,
+                                 " job(s); --max-concurrent-jobs is ",
+                                 options_.max_concurrent_jobs));
+    } else {
+      event.set_log(absl::StrCat("job ", id, " accepted"));
     }
+    AppendEvent(*record, std::move(event));
   }
   return record->id;
 }

@@ -79,7 +79,8 @@ TEST_F(JobManagerTest, RunsJobAndWatchReplaysEverything) {
   auto id = manager->Submit(TrainJob(), Epochs(3));
   ASSERT_TRUE(id.ok());
   std::vector<JobEvent> events = WatchAll(*manager, *id);
-  ASSERT_EQ(events.size(), 4u);
+  ASSERT_EQ(events.size(), 5u);
+  EXPECT_EQ(events[0].log(), "job " + *id + " accepted");
   for (size_t i = 0; i < events.size(); ++i) {
     EXPECT_EQ(events[i].sequence(), int64_t(i + 1));
     EXPECT_EQ(events[i].job_id(), *id);
@@ -89,13 +90,13 @@ TEST_F(JobManagerTest, RunsJobAndWatchReplaysEverything) {
   ASSERT_TRUE(job.ok());
   EXPECT_EQ(job->state(), kennel::v1::JOB_STATE_SUCCEEDED);
   EXPECT_EQ(job->model_ref(), "pets:1");
-  EXPECT_EQ(job->event_count(), 4);
+  EXPECT_EQ(job->event_count(), 5);
   EXPECT_DOUBLE_EQ(job->metrics().metrics().test_accuracy(), 0.9);
 
-  // Re-attaching after sequence 2 replays only what followed.
-  std::vector<JobEvent> rest = WatchAll(*manager, *id, 2);
+  // Re-attaching after sequence 3 replays only what followed.
+  std::vector<JobEvent> rest = WatchAll(*manager, *id, 3);
   ASSERT_EQ(rest.size(), 2u);
-  EXPECT_EQ(rest[0].sequence(), 3);
+  EXPECT_EQ(rest[0].sequence(), 4);
 }
 
 TEST_F(JobManagerTest, FailureIsRecordedWithCodeAndMessage) {
@@ -223,7 +224,7 @@ TEST_F(JobManagerTest, HistorySurvivesRestartAndRunningJobBecomesFailed) {
   ASSERT_TRUE(done.ok());
   EXPECT_EQ(done->state(), kennel::v1::JOB_STATE_SUCCEEDED);
   EXPECT_EQ(done->model_ref(), "pets:1");
-  EXPECT_EQ(WatchAll(*manager, done_id).size(), 3u);
+  EXPECT_EQ(WatchAll(*manager, done_id).size(), 4u);
 
   auto crashed = manager->Get(running_id);
   ASSERT_TRUE(crashed.ok());
@@ -231,10 +232,10 @@ TEST_F(JobManagerTest, HistorySurvivesRestartAndRunningJobBecomesFailed) {
   EXPECT_THAT(crashed->message(),
               HasSubstr("stopped while this job was running"));
   std::vector<JobEvent> events = WatchAll(*manager, running_id);
-  ASSERT_EQ(events.size(), 2u);
-  EXPECT_TRUE(events[0].has_epoch());
-  EXPECT_TRUE(events[1].has_failed());
-  EXPECT_EQ(events[1].sequence(), 2);
+  ASSERT_EQ(events.size(), 3u);
+  EXPECT_TRUE(events[1].has_epoch());
+  EXPECT_TRUE(events[2].has_failed());
+  EXPECT_EQ(events[2].sequence(), 3);
 }
 
 TEST_F(JobManagerTest, UnknownJobIsNotFound) {
