@@ -1,0 +1,421 @@
+// ModelStore against both kinds of backend through the ObjectStore
+// interface: a folder in a temp dir, and an in-memory stand-in for S3.
+#include "services/registry/model_store.h"
+
+#include <stdlib.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "common/sha256.h"
+#include "common/storage/file_store.h"
+#include "common/storage/memory_store.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace kennel::registry {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using ::testing::UnorderedElementsAre;
+
+class ModelStoreTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    if (GetParam() == "file") {
+      char tmpl[] = "/tmp/kennel-model-store-XXXXXX";
+      ASSERT_NE(mkdtemp(tmpl), nullptr);
+      dir_ = tmpl;
+      auto store = storage::FileStore::Open(dir_);
+      ASSERT_TRUE(store.ok());
+      object_store_ = std::move(*store);
+    } else {
+      memory_ = std::make_shared<storage::MemoryStore>();
+      object_store_ = memory_;
+    }
+    store_ = std::make_unique<ModelStore>(object_store_);
+    ASSERT_TRUE(store_->Init().ok());
+  }
+  void TearDown() override {
+    if (!dir_.empty()) std::filesystem::remove_all(dir_);
+  }
+
+  // Stores `bytes` as a blob and returns its digest.
+  std::string PutBlob(const std::string& bytes) {
+    const std::string digest = Sha256Digest(bytes);
+    auto upload = store_->StartBlob(digest, bytes.size());
+    EXPECT_TRUE(upload.ok()) << upload.status();
+    EXPECT_TRUE((*upload)->Write(bytes).ok());
+    absl::Status finished = (*upload)->Finish();
+    EXPECT_TRUE(finished.ok()) << finished;
+    return digest;
+  }
+
+  v1::PushHeader Header(const std::string& name, const std::string& bytes) {
+    v1::PushHeader header;
+    header.set_name(name);
+    auto* c = header.add_components();
+    c->set_digest(Sha256Digest(bytes));
+    c->set_size(bytes.size());
+    header.add_labels("cat");
+    header.add_labels("dog");
+    return header;
+  }
+
+  absl::StatusOr<v1::ModelVersion> Push(const std::string& name,
+                                        const std::string& bytes) {
+    PutBlob(bytes);
+    return store_->Commit(Header(name, bytes));
+  }
+
+  std::string ReadBlob(const v1::Component& c, absl::Status* status) {
+    std::string out;
+    *status = store_->ReadBlob(c, [&](absl::string_view d) {
+      out.append(d.data(), d.size());
+      return absl::OkStatus();
+    });
+    return out;
+  }
+
+  std::string dir_;
+  std::shared_ptr<storage::MemoryStore> memory_;
+  std::shared_ptr<storage::ObjectStore> object_store_;
+  std::unique_ptr<ModelStore> store_;
+};
+
+TEST_P(ModelStoreTest, CommitAllocatesVersionsAndRefsResolve) {
+  auto v1 = Push("dogs", "model one");
+  ASSERT_TRUE(v1.ok()) << v1.status();
+  EXPECT_EQ(v1->version(), 1);
+  EXPECT_EQ(v1->components(0).format(), "torchscript");
+  EXPECT_THAT(v1->labels(), ElementsAre("cat", "dog"));
+  auto v2 = Push("dogs", "model two");
+  ASSERT_TRUE(v2.ok());
+  EXPECT_EQ(v2->version(), 2);
+
+  auto latest = store_->Resolve("dogs");
+  ASSERT_TRUE(latest.ok()) << latest.status();
+  EXPECT_EQ(latest->version(), 2);
+  EXPECT_EQ(latest->components(0).digest(), Sha256Digest("model two"));
+  auto first = store_->Resolve("dogs:1");
+  ASSERT_TRUE(first.ok());
+  EXPECT_EQ(first->components(0).digest(), Sha256Digest("model one"));
+  EXPECT_TRUE(absl::IsNotFound(store_->Resolve("dogs:3").status()));
+  EXPECT_TRUE(absl::IsNotFound(store_->Resolve("cats").status()));
+  EXPECT_TRUE(absl::IsInvalidArgument(store_->Resolve("Dogs").status()));
+  EXPECT_TRUE(absl::IsInvalidArgument(store_->Resolve("dogs:0").status()));
+}
+
+TEST_P(ModelStoreTest, BlobMustMatchItsDeclaration) {
+  const std::string bytes = "some model bytes";
+  auto wrong = store_->StartBlob(Sha256Digest("other"), bytes.size());
+  ASSERT_TRUE(wrong.ok());
+  ASSERT_TRUE((*wrong)->Write(bytes).ok());
+  absl::Status s = (*wrong)->Finish();
+  EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("hash to"));
+
+  auto truncated = store_->StartBlob(Sha256Digest(bytes), bytes.size());
+  ASSERT_TRUE((*truncated)->Write(bytes.substr(0, 5)).ok());
+  s = (*truncated)->Finish();
+  EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("truncated"));
+
+  auto longer = store_->StartBlob(Sha256Digest(bytes), 3);
+  EXPECT_TRUE(absl::IsInvalidArgument((*longer)->Write(bytes)));
+
+  auto present =
+      store_->PresentBlobs({Sha256Digest(bytes), Sha256Digest("other")});
+  ASSERT_TRUE(present.ok());
+  EXPECT_TRUE(present->empty());
+}
+
+TEST_P(ModelStoreTest, CommitNeedsEveryBlob) {
+  absl::Status s = store_->Commit(Header("dogs", "never uploaded")).status();
+  EXPECT_TRUE(absl::IsFailedPrecondition(s)) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("not stored"));
+  EXPECT_TRUE(absl::IsNotFound(store_->Resolve("dogs").status()));
+}
+
+TEST_P(ModelStoreTest, CrashBeforeManifestLeavesNoVersion) {
+  PutBlob("orphan bytes");  // blob written, manifest never
+  EXPECT_TRUE(absl::IsNotFound(store_->Resolve("dogs").status()));
+  auto models = store_->ListModels();
+  ASSERT_TRUE(models.ok());
+  EXPECT_EQ(models->models_size(), 0);
+  auto next = Push("dogs", "orphan bytes");
+  ASSERT_TRUE(next.ok());
+  EXPECT_EQ(next->version(), 1);
+}
+
+TEST_P(ModelStoreTest, ConcurrentPushesGetDistinctVersions) {
+  constexpr int kPushers = 8;
+  std::vector<std::thread> threads;
+  std::vector<int64_t> versions(kPushers, 0);
+  for (int i = 0; i < kPushers; ++i) {
+    threads.emplace_back([&, i] {
+      auto v = Push("dogs", absl::StrCat("model ", i));
+      if (v.ok()) versions[i] = v->version();
+    });
+  }
+  for (auto& t : threads) t.join();
+  std::set<int64_t> distinct(versions.begin(), versions.end());
+  EXPECT_EQ(distinct, (std::set<int64_t>{1, 2, 3, 4, 5, 6, 7, 8}));
+  for (int i = 0; i < kPushers; ++i) {
+    auto m = store_->Resolve(absl::StrCat("dogs:", versions[i]));
+    ASSERT_TRUE(m.ok());
+    EXPECT_EQ(m->components(0).digest(),
+              Sha256Digest(absl::StrCat("model ", i)));
+  }
+}
+
+TEST_P(ModelStoreTest, AliasesPointAtVersionsAndGuardDeletion) {
+  ASSERT_TRUE(Push("dogs", "a").ok());
+  ASSERT_TRUE(Push("dogs", "b").ok());
+  EXPECT_TRUE(absl::IsNotFound(store_->SetAlias("dogs", "prod", 9).status()));
+  auto alias = store_->SetAlias("dogs", "prod", 1);
+  ASSERT_TRUE(alias.ok()) << alias.status();
+  EXPECT_EQ(alias->version(), 1);
+  auto prod = store_->Resolve("dogs@prod");
+  ASSERT_TRUE(prod.ok());
+  EXPECT_EQ(prod->version(), 1);
+  EXPECT_THAT(prod->aliases(), ElementsAre("prod"));
+
+  absl::Status refused = store_->DeleteVersion("dogs", 1);
+  EXPECT_TRUE(absl::IsFailedPrecondition(refused)) << refused;
+  EXPECT_THAT(std::string(refused.message()), HasSubstr("prod"));
+
+  ASSERT_TRUE(store_->SetAlias("dogs", "prod", 2).ok());
+  EXPECT_EQ(store_->Resolve("dogs@prod")->version(), 2);
+  ASSERT_TRUE(store_->DeleteVersion("dogs", 1).ok());
+  EXPECT_TRUE(absl::IsNotFound(store_->Resolve("dogs:1").status()));
+  EXPECT_TRUE(absl::IsNotFound(store_->DeleteVersion("dogs", 1)));
+
+  ASSERT_TRUE(store_->DeleteAlias("dogs", "prod").ok());
+  EXPECT_TRUE(absl::IsNotFound(store_->Resolve("dogs@prod").status()));
+  EXPECT_TRUE(absl::IsNotFound(store_->DeleteAlias("dogs", "prod")));
+  ASSERT_TRUE(store_->DeleteVersion("dogs", 2).ok());
+  EXPECT_TRUE(absl::IsNotFound(store_->Resolve("dogs").status()));
+  // Numbers of deleted versions are never handed out again.
+  auto v3 = Push("dogs", "c");
+  ASSERT_TRUE(v3.ok());
+  EXPECT_EQ(v3->version(), 3);
+}
+
+TEST_P(ModelStoreTest, PushHeaderAliasesAreSetAfterCommit) {
+  PutBlob("x");
+  v1::PushHeader header = Header("dogs", "x");
+  header.add_aliases("staging");
+  auto v = store_->Commit(header);
+  ASSERT_TRUE(v.ok());
+  EXPECT_THAT(v->aliases(), ElementsAre("staging"));
+  EXPECT_EQ(store_->Resolve("dogs@staging")->version(), 1);
+}
+
+TEST_P(ModelStoreTest, ListsModelsAndPagesVersionsNewestFirst) {
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(Push("dogs", absl::StrCat(i)).ok());
+  ASSERT_TRUE(Push("cats", "c").ok());
+  ASSERT_TRUE(store_->SetAlias("dogs", "prod", 3).ok());
+  auto models = store_->ListModels();
+  ASSERT_TRUE(models.ok()) << models.status();
+  ASSERT_EQ(models->models_size(), 2);
+  EXPECT_EQ(models->models(0).name(), "cats");
+  EXPECT_EQ(models->models(1).name(), "dogs");
+  EXPECT_EQ(models->models(1).latest_version(), 5);
+  EXPECT_EQ(models->models(1).version_count(), 5);
+  ASSERT_EQ(models->models(1).aliases_size(), 1);
+  EXPECT_EQ(models->models(1).aliases(0).version(), 3);
+  EXPECT_GT(models->models(1).updated_at().seconds(), 0);
+
+  std::vector<int64_t> seen;
+  v1::ListVersionsRequest request;
+  request.set_name("dogs");
+  request.set_page_size(2);
+  int pages = 0;
+  while (true) {
+    auto page = store_->ListVersions(request);
+    ASSERT_TRUE(page.ok()) << page.status();
+    ++pages;
+    for (const auto& v : page->versions()) {
+      seen.push_back(v.version());
+      if (v.version() == 3) EXPECT_THAT(v.aliases(), ElementsAre("prod"));
+    }
+    if (page->next_page_token().empty()) break;
+    request.set_page_token(page->next_page_token());
+  }
+  EXPECT_EQ(pages, 3);
+  EXPECT_THAT(seen, ElementsAre(5, 4, 3, 2, 1));
+  request.set_page_token("garbage");
+  EXPECT_TRUE(absl::IsInvalidArgument(store_->ListVersions(request).status()));
+  request.set_name("birds");
+  request.clear_page_token();
+  EXPECT_TRUE(absl::IsNotFound(store_->ListVersions(request).status()));
+}
+
+TEST_P(ModelStoreTest, CorruptBlobIsRefusedBeforeAnyByteIsSent) {
+  auto v = Push("dogs", std::string(3 << 20, 'x'));
+  ASSERT_TRUE(v.ok());
+  const v1::Component& c = v->components(0);
+  absl::Status status;
+  EXPECT_EQ(ReadBlob(c, &status).size(), size_t{3} << 20);
+  ASSERT_TRUE(status.ok()) << status;
+
+  const std::string key = ModelStore::BlobKey(c.digest());
+  std::string corrupt(3 << 20, 'x');
+  corrupt[(2 << 20) + 7] = 'y';
+  if (memory_) {
+    memory_->Overwrite(key, corrupt);
+  } else {
+    std::ofstream(dir_ + "/" + key, std::ios::binary | std::ios::trunc)
+        << corrupt;
+  }
+  int calls = 0;
+  status = store_->ReadBlob(c, [&](absl::string_view) {
+    ++calls;
+    return absl::OkStatus();
+  });
+  EXPECT_TRUE(absl::IsDataLoss(status)) << status;
+  EXPECT_EQ(calls, 0);
+
+  ASSERT_TRUE(object_store_->Delete(key).ok());
+  EXPECT_TRUE(absl::IsDataLoss(
+      store_->ReadBlob(c, [](absl::string_view) { return absl::OkStatus(); })));
+}
+
+TEST_P(ModelStoreTest, GarbageCollectRemovesOldUnreferencedBlobsOnly) {
+  ASSERT_TRUE(Push("dogs", "kept").ok());
+  const std::string old_orphan = PutBlob("old orphan");
+  const std::string young_orphan = PutBlob("young orphan");
+  ASSERT_TRUE(Push("dogs", "deleted later").ok());
+  ASSERT_TRUE(store_->DeleteVersion("dogs", 2).ok());
+  const std::string deleted = Sha256Digest("deleted later");
+  auto age = [&](const std::string& digest) {
+    const std::string key = ModelStore::BlobKey(digest);
+    const absl::Time past = absl::Now() - absl::Hours(2);
+    if (memory_) {
+      memory_->SetModified(key, past);
+    } else {
+      std::filesystem::last_write_time(
+          dir_ + "/" + key, std::filesystem::file_time_type::clock::now() -
+                                std::chrono::hours(2));
+    }
+  };
+  age(old_orphan);
+  age(deleted);
+  age(Sha256Digest("kept"));
+
+  auto dry = store_->GarbageCollect(absl::Hours(1), /*dry_run=*/true);
+  ASSERT_TRUE(dry.ok()) << dry.status();
+  EXPECT_THAT(dry->removed_digests(),
+              UnorderedElementsAre(old_orphan, deleted));
+  EXPECT_EQ(store_->PresentBlobs({old_orphan})->size(), 1u);
+
+  auto gc = store_->GarbageCollect(absl::Hours(1), /*dry_run=*/false);
+  ASSERT_TRUE(gc.ok()) << gc.status();
+  EXPECT_THAT(gc->removed_digests(), UnorderedElementsAre(old_orphan, deleted));
+  EXPECT_EQ(gc->removed_bytes(), 10 + 13);
+  EXPECT_EQ(gc->kept_blobs(), 2);
+  auto present = store_->PresentBlobs(
+      {old_orphan, young_orphan, deleted, Sha256Digest("kept")});
+  ASSERT_TRUE(present.ok());
+  EXPECT_THAT(*present,
+              UnorderedElementsAre(young_orphan, Sha256Digest("kept")));
+  absl::Status status;
+  EXPECT_EQ(ReadBlob(store_->Resolve("dogs")->components(0), &status), "kept");
+  EXPECT_TRUE(status.ok());
+}
+
+TEST_P(ModelStoreTest, BadHeadersAreRefusedWithoutTouchingStorage) {
+  if (memory_) memory_->set_failure(absl::UnavailableError("storage is down"));
+  v1::PushHeader good = Header("dogs", "x");
+  std::vector<std::pair<std::string, v1::PushHeader>> cases;
+  auto add = [&](const std::string& what, auto edit) {
+    v1::PushHeader h = good;
+    edit(h);
+    cases.emplace_back(what, h);
+  };
+  add("bad name", [](v1::PushHeader& h) { h.set_name("../etc"); });
+  add("upper case", [](v1::PushHeader& h) { h.set_name("Dogs"); });
+  add("long name", [](v1::PushHeader& h) { h.set_name(std::string(64, 'a')); });
+  add("no components", [](v1::PushHeader& h) { h.clear_components(); });
+  add("bad digest", [](v1::PushHeader& h) {
+    h.mutable_components(0)->set_digest("sha256:xyz");
+  });
+  add("negative size",
+      [](v1::PushHeader& h) { h.mutable_components(0)->set_size(-1); });
+  add("bad alias", [](v1::PushHeader& h) { h.add_aliases("Prod!"); });
+  add("bad format",
+      [](v1::PushHeader& h) { h.mutable_components(0)->set_format("../x"); });
+  add("too many components", [](v1::PushHeader& h) {
+    for (int i = 0; i < 20; ++i) *h.add_components() = h.components(0);
+  });
+  add("oversized header", [](v1::PushHeader& h) {
+    for (int i = 0; i < 6000; ++i) h.add_labels(std::string(200, 'l'));
+  });
+  for (const auto& [what, header] : cases) {
+    absl::Status s = store_->Commit(header).status();
+    EXPECT_TRUE(absl::IsInvalidArgument(s)) << what << ": " << s;
+  }
+  EXPECT_TRUE(
+      absl::IsInvalidArgument(store_->SetAlias("../x", "prod", 1).status()));
+  EXPECT_TRUE(
+      absl::IsInvalidArgument(store_->SetAlias("dogs", "a/b", 1).status()));
+  EXPECT_TRUE(absl::IsInvalidArgument(store_->DeleteVersion("a b", 1)));
+  if (memory_) {
+    EXPECT_EQ(memory_->object_count(), 0);
+    EXPECT_TRUE(absl::IsUnavailable(store_->Resolve("dogs").status()));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, ModelStoreTest,
+                         ::testing::Values("file", "memory"));
+
+TEST(ModelStoreSerialisedTest,
+     StoreIgnoringExclusiveWritesStillGetsDistinctVersions) {
+  auto memory = std::make_shared<storage::MemoryStore>();
+  memory->set_ignore_exclusive(true);
+  ModelStore store(memory);
+  ASSERT_TRUE(store.Init().ok());
+  EXPECT_TRUE(store.serialising());
+  std::vector<std::thread> threads;
+  std::vector<int64_t> versions(8, 0);
+  for (int i = 0; i < 8; ++i) {
+    threads.emplace_back([&, i] {
+      const std::string bytes = absl::StrCat("m", i);
+      auto upload = store.StartBlob(Sha256Digest(bytes), bytes.size());
+      ASSERT_TRUE(upload.ok());
+      ASSERT_TRUE((*upload)->Write(bytes).ok());
+      ASSERT_TRUE((*upload)->Finish().ok());
+      v1::PushHeader header;
+      header.set_name("dogs");
+      auto* c = header.add_components();
+      c->set_digest(Sha256Digest(bytes));
+      c->set_size(bytes.size());
+      auto v = store.Commit(header);
+      if (v.ok()) versions[i] = v->version();
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(std::set<int64_t>(versions.begin(), versions.end()),
+            (std::set<int64_t>{1, 2, 3, 4, 5, 6, 7, 8}));
+}
+
+TEST(ModelStoreSerialisedTest, UnreachableStoreAtStartSerialisesAndReportsIt) {
+  auto memory = std::make_shared<storage::MemoryStore>();
+  memory->set_failure(absl::UnavailableError("connection refused"));
+  ModelStore store(memory);
+  absl::Status s = store.Init();
+  EXPECT_TRUE(absl::IsUnavailable(s)) << s;
+  EXPECT_TRUE(store.serialising());
+  memory->set_failure(absl::OkStatus());
+  ASSERT_TRUE(store.Init().ok());
+  EXPECT_FALSE(store.serialising());
+}
+
+}  // namespace
+}  // namespace kennel::registry
