@@ -184,7 +184,8 @@ struct Axis {
     if (log) {
       const int d0 = static_cast<int>(std::floor(std::log10(lo)));
       const int d1 = static_cast<int>(std::ceil(std::log10(hi)));
-      const bool fine = d1 - d0 <= 2;
+      // Label 1, 2 and 5 of each decade when the axis spans few decades.
+      const bool fine = std::log10(hi / lo) <= 2.5;
       for (int d = d0; d <= d1; ++d) {
         for (double m :
              fine ? std::vector<double>{1, 2, 5} : std::vector<double>{1}) {
