@@ -27,7 +27,8 @@ ABSL_FLAG(std::string, source, "/usr/share/datasets/fashion-mnist",
           "dataset-fashion-mnist package installs them here).");
 ABSL_FLAG(int, limit, 0,
           "kennel dataset: at most this many images per class in each split "
-          "(0: all), for small test sets.");
+          "(0: all), for small test sets. kennel jobs ls: at most this many "
+          "jobs (0: the trainer's default, 50).");
 ABSL_FLAG(int, valid_size, 10000,
           "kennel dataset: the last this many training images form valid/.");
 ABSL_FLAG(std::string, classes, "",
