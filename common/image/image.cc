@@ -686,6 +686,57 @@ absl::Status DecodeAndPreprocess(absl::string_view bytes,
   return PreprocessImpl(bgr, /*bgr=*/true, spec, out);
 }
 
+cv::Mat SyntheticImage(int width, int height, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  width = std::max(width, 1);
+  height = std::max(height, 1);
+  cv::Mat img(height, width, CV_8UC3);
+  // Each channel: a sum of two slanted sinusoids of random frequency.
+  double fx[3][2], fy[3][2], phase[3][2];
+  for (int c = 0; c < 3; ++c) {
+    for (int k = 0; k < 2; ++k) {
+      fx[c][k] = UniformIn(rng, 0.5, 4.0) * 2 * M_PI / width;
+      fy[c][k] = UniformIn(rng, 0.5, 4.0) * 2 * M_PI / height;
+      phase[c][k] = UniformIn(rng, 0, 2 * M_PI);
+    }
+  }
+  for (int y = 0; y < height; ++y) {
+    auto* row = img.ptr<cv::Vec3b>(y);
+    for (int x = 0; x < width; ++x) {
+      for (int c = 0; c < 3; ++c) {
+        const double v = std::sin(fx[c][0] * x + fy[c][0] * y + phase[c][0]) +
+                         std::sin(fx[c][1] * x + fy[c][1] * y + phase[c][1]);
+        row[x][c] = cv::saturate_cast<uint8_t>(128 + 50 * v);
+      }
+    }
+  }
+  for (int i = 0; i < 10; ++i) {
+    const cv::Scalar colour(static_cast<double>(UniformInt(rng, 0, 255)),
+                            static_cast<double>(UniformInt(rng, 0, 255)),
+                            static_cast<double>(UniformInt(rng, 0, 255)));
+    const cv::Point a(static_cast<int>(UniformInt(rng, 0, width - 1)),
+                      static_cast<int>(UniformInt(rng, 0, height - 1)));
+    const cv::Point b(static_cast<int>(UniformInt(rng, 0, width - 1)),
+                      static_cast<int>(UniformInt(rng, 0, height - 1)));
+    if (i % 2 == 0) {
+      const int radius = std::max(1, std::abs(a.x - b.x) / 2);
+      cv::circle(img, a, radius, colour, cv::FILLED, cv::LINE_AA);
+    } else {
+      cv::rectangle(img, a, b, colour, cv::FILLED, cv::LINE_AA);
+    }
+  }
+  cv::GaussianBlur(img, img, cv::Size(0, 0), 1.2);
+  // Sensor-like noise (cv::randu would draw from OpenCV's shared state).
+  for (int y = 0; y < height; ++y) {
+    uint8_t* row = img.ptr<uint8_t>(y);
+    for (int i = 0; i < width * 3; ++i) {
+      row[i] =
+          cv::saturate_cast<uint8_t>(row[i] + static_cast<int>(rng() % 13) - 6);
+    }
+  }
+  return img;
+}
+
 kennel::v1::Preprocessing ImageNetPreprocessing() {
   kennel::v1::Preprocessing spec;
   spec.set_input_size(224);

@@ -91,6 +91,11 @@ absl::Status DecodeAndPreprocess(absl::string_view bytes,
                                  const kennel::v1::Preprocessing& spec,
                                  const DecodeLimits& limits, float* out);
 
+// A deterministic photo-like RGB picture (smooth colour fields, soft-edged
+// shapes, a little noise) for warm-up batches, benchmarks and tests, where no
+// real image is at hand. The same seed gives the same pixels.
+cv::Mat SyntheticImage(int width, int height, uint64_t seed);
+
 // ImageNet's preprocessing: resize 256, centre crop 224, ImageNet mean/std.
 kennel::v1::Preprocessing ImageNetPreprocessing();
 

@@ -425,6 +425,17 @@ TEST(PreprocessAugmentedTest, StaysFiniteOnTinyImages) {
   }
 }
 
+TEST(SyntheticImageTest, SameSeedSamePixels) {
+  const cv::Mat a = SyntheticImage(64, 48, 3);
+  const cv::Mat b = SyntheticImage(64, 48, 3);
+  const cv::Mat c = SyntheticImage(64, 48, 4);
+  ASSERT_EQ(a.type(), CV_8UC3);
+  EXPECT_EQ(a.cols, 64);
+  EXPECT_EQ(a.rows, 48);
+  EXPECT_EQ(cv::norm(a, b, cv::NORM_INF), 0);
+  EXPECT_GT(cv::norm(a, c, cv::NORM_L1), 0);
+}
+
 // Compares with tensors torchvision computes, in Python, for the same files.
 class TorchvisionReferenceTest : public ::testing::Test {
  protected:
