@@ -9,6 +9,8 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
 
 ABSL_FLAG(std::string, listen, "",
           "HOST:PORT to serve gRPC on; port 0 picks a free port and logs it. "
@@ -41,6 +43,25 @@ std::vector<char*> InitServerProcess(int argc, char** argv,
                                      const std::string& usage) {
   BlockStopSignals();
   AcceptDashedFlags(argc, argv);
+  // --help lists Kennel's own flags (the service's and the shared ones), not
+  // absl's internals; --helpfull still lists everything.
+  absl::FlagsUsageConfig usage_config;
+  auto ours = [](absl::string_view file) {
+    return absl::StrContains(file, "services/") ||
+           absl::StrContains(file, "common/");
+  };
+  usage_config.contains_help_flags = ours;
+  usage_config.contains_helpshort_flags = ours;
+  usage_config.normalize_filename = [](absl::string_view file) {
+    for (absl::string_view root : {"services/", "common/"}) {
+      if (size_t at = file.rfind(root); at != absl::string_view::npos) {
+        return std::string(file.substr(at));
+      }
+    }
+    return std::string(file);
+  };
+  usage_config.version_string = [] { return std::string(KENNEL_VERSION) + "\n"; };
+  absl::SetFlagsUsageConfig(usage_config);
   absl::SetProgramUsageMessage(usage);
   std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
   FLAGS_logtostderr = true;
