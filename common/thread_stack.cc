@@ -1,4 +1,4 @@
-// Raises thread stack sizes that are too small for this process.
+// Raises thread stack sizes that are too small for a Kennel process.
 //
 // A thread's stack also holds the static TLS of every library loaded at
 // start-up. LibTorch pulls in OpenBLAS (60 KiB of TLS) and glog (30 KiB), so
