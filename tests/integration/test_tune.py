@@ -259,6 +259,21 @@ class TuneTest(unittest.TestCase):
         self.assertEqual(job.model_ref, completed[0].model_ref)
         self.assertTrue(any(e.HasField("cancelled") for e in events))
 
+    def test_finetune_trials_queue_and_the_best_is_tested(self):
+        request = self.request(trials=2, parallel=2, seed=3, epochs=1, early_stopping=False)
+        request.base.mode = common_pb2.TRAIN_MODE_FINETUNE
+        events = self.tune(request)
+        self.assertTrue(any(e.HasField("log") and "one at a time" in e.log for e in events))
+        # Queued: the second trial starts after the first has finished.
+        order = [(e.trial, e.WhichOneof("event")) for e in events
+                 if e.HasField("trial_started") or e.HasField("trial_finished")]
+        self.assertEqual(order, [(1, "trial_started"), (1, "trial_finished"),
+                                 (2, "trial_started"), (2, "trial_finished")])
+        done = [e.completed for e in events if e.HasField("completed")][0]
+        self.assertIn(done.best_trial, (1, 2))
+        self.assertGreater(done.metrics.test_accuracy, 0)
+        self.assertEqual(done.hyperparameters.mode, common_pb2.TRAIN_MODE_FINETUNE)
+
     def test_a_search_outlives_its_client(self):
         request = self.request(trials=4, seed=5)
         call = self.stub.Tune(request, timeout=240)
