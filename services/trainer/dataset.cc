@@ -6,6 +6,7 @@
 #include <system_error>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -58,6 +59,44 @@ absl::StatusOr<fs::path> CheckedEntry(const fs::path& root,
   return real;
 }
 
+// Strict UTF-8: no overlong forms, no surrogates, nothing past U+10FFFF.
+bool IsUtf8(absl::string_view s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    int more;
+    unsigned int code;
+    if (c < 0x80) {
+      ++i;
+      continue;
+    } else if ((c & 0xE0) == 0xC0) {
+      more = 1;
+      code = c & 0x1F;
+    } else if ((c & 0xF0) == 0xE0) {
+      more = 2;
+      code = c & 0x0F;
+    } else if ((c & 0xF8) == 0xF0) {
+      more = 3;
+      code = c & 0x07;
+    } else {
+      return false;
+    }
+    if (i + more >= s.size()) return false;  // cut short
+    for (int k = 1; k <= more; ++k) {
+      const unsigned char d = static_cast<unsigned char>(s[i + k]);
+      if ((d & 0xC0) != 0x80) return false;
+      code = (code << 6) | (d & 0x3F);
+    }
+    static constexpr unsigned int kMin[] = {0, 0x80, 0x800, 0x10000};
+    if (code < kMin[more] || code > 0x10FFFF ||
+        (code >= 0xD800 && code <= 0xDFFF)) {
+      return false;
+    }
+    i += more + 1;
+  }
+  return true;
+}
+
 struct ScannedSplit {
   // class folder -> image paths, sorted
   std::vector<std::pair<std::string, std::vector<std::string>>> classes;
@@ -77,6 +116,14 @@ absl::StatusOr<ScannedSplit> ScanSplit(const fs::path& root,
     if (name.empty() || name[0] == '.') continue;
     ASSIGN_OR_RETURN(fs::path real, CheckedEntry(root, entry));
     if (!fs::is_directory(real, ec)) continue;
+    // Class folder names become labels, which travel as protobuf strings:
+    // bytes that are not UTF-8 would make every event of the job unreadable
+    // to clients.
+    if (!IsUtf8(name)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "class folder \"", absl::CHexEscape(name), "\" in ", dir.string(),
+          " is not valid UTF-8; rename it, since its name becomes a label"));
+    }
     std::vector<std::string> files;
     fs::directory_iterator files_it(real, ec);
     if (ec) {

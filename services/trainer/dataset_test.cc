@@ -130,6 +130,29 @@ TEST_F(DatasetTest, NoImagesIsInvalidArgument) {
   EXPECT_THAT(dataset.status().message(), HasSubstr("no images"));
 }
 
+TEST_F(DatasetTest, ClassFolderThatIsNotUtf8IsInvalidArgument) {
+  MakeValid("pets");
+  for (const char* split : {"train", "valid", "test"}) {
+    Touch(std::string("pets/") + split + "/003.Bad\xff\xfe/a.jpg");
+  }
+  auto dataset = Scan("pets");
+  EXPECT_EQ(dataset.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(dataset.status().message(), HasSubstr("003.Bad\\xff\\xfe"));
+  EXPECT_THAT(dataset.status().message(), HasSubstr("not valid UTF-8"));
+}
+
+TEST_F(DatasetTest, ClassFolderInOtherScriptsIsAccepted) {
+  for (const char* cls :
+       {"001.Chien_\xc3\xa9", "002.\xe7\x8a\xac", "003.\xf0\x9f\x90\x95"}) {
+    for (const char* split : {"train", "valid"}) {
+      Touch(std::string("pets/") + split + "/" + cls + "/a.jpg");
+    }
+  }
+  auto dataset = Scan("pets");
+  ASSERT_TRUE(dataset.ok()) << dataset.status();
+  EXPECT_EQ(dataset->labels[1], "\xe7\x8a\xac");
+}
+
 TEST_F(DatasetTest, MissingValidSplitIsInvalidArgument) {
   Touch("pets/train/001.Cat/a.jpg");
   Touch("pets/train/002.Dog/a.jpg");
