@@ -201,13 +201,16 @@ GRAFANA_VARIABLES = {"__rate_interval": "1m", "__interval": "1m", "__range": "1h
                      "training_job": "no-such-job"}
 
 
-def grafana_expand(expr):
-    """Replaces $var and ${var} with GRAFANA_VARIABLES; fails on others."""
+def grafana_expand(expr, variables=None):
+    """Replaces $var and ${var} with `variables` (GRAFANA_VARIABLES by
+    default); fails on others."""
+    variables = variables or GRAFANA_VARIABLES
+
     def sub(m):
         name = m.group(1) or m.group(2)
-        if name not in GRAFANA_VARIABLES:
+        if name not in variables:
             raise AssertionError(f"unknown dashboard variable ${name} in {expr!r}")
-        return GRAFANA_VARIABLES[name]
+        return variables[name]
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", sub, expr)
 
 
@@ -244,8 +247,14 @@ def dashboard_queries(dashboard):
         if v.get("type") != "query":
             continue
         query = v["query"]["query"] if isinstance(v.get("query"), dict) else v.get("query")
-        m = re.fullmatch(r"\s*label_values\((.*),\s*(\w+)\)\s*", query)
+        m = label_values(query)
         if m:  # Grafana's own function: the series selector is the first part
-            query = m.group(1)
+            query = m[0]
         out.append((f"variable {v['name']}", query))
     return out
+
+
+def label_values(query):
+    """label_values(SELECTOR, LABEL) -> (SELECTOR, LABEL), else None."""
+    m = re.fullmatch(r"\s*label_values\((.*),\s*(\w+)\)\s*", query)
+    return (m.group(1), m.group(2)) if m else None
