@@ -7,7 +7,6 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <random>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
@@ -100,8 +99,12 @@ absl::Status FeatureCache::Put(const std::string& key, const float* features,
     return absl::InternalError(absl::StrCat(
         "feature cache: cannot create folder for ", path, ": ", ec.message()));
   }
-  thread_local std::mt19937_64 rng(std::random_device{}());
-  const std::string tmp = absl::StrCat(path, ".tmp.", getpid(), ".", rng());
+  // A process-wide counter keeps concurrent writers of one key apart. (No
+  // thread_local generator: static TLS shrinks the stack that libraries
+  // such as civetweb leave their threads.)
+  static std::atomic<uint64_t> counter{0};
+  const std::string tmp =
+      absl::StrCat(path, ".tmp.", getpid(), ".", counter.fetch_add(1));
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
     char header[kHeaderBytes];

@@ -30,11 +30,11 @@ absl::Time ToTime(const google::protobuf::Timestamp& ts) {
 }
 
 std::string NewJobId() {
-  thread_local std::mt19937_64 rng(std::random_device{}());
+  std::random_device random;
   return absl::StrCat(
       "job-",
       absl::FormatTime("%Y%m%d-%H%M%S", absl::Now(), absl::UTCTimeZone()), "-",
-      absl::StrFormat("%04x", static_cast<unsigned>(rng() & 0xffff)));
+      absl::StrFormat("%04x", static_cast<unsigned>(random() & 0xffff)));
 }
 
 bool WriteFileAtomically(const std::string& path, const std::string& bytes) {
@@ -339,26 +339,32 @@ absl::StatusOr<Job> JobManager::Cancel(const std::string& id) {
 
 void JobManager::AppendEvent(JobRecord& record, JobEvent event) {
   Job snapshot;
+  JobEvent appended;
   {
     absl::MutexLock lock(&record.mu);
-    event.set_job_id(record.id);
-    event.set_sequence(static_cast<int64_t>(record.events.size()) + 1);
-    SetTimestamp(absl::Now(), event.mutable_time());
-    if (!record.dir.empty()) {
-      std::ofstream out(record.dir + "/" + kEventsFile,
-                        std::ios::binary | std::ios::app);
-      const std::string framed = Framed(event);
-      out.write(framed.data(), framed.size());
-      if (!out) {
-        LOG(WARNING) << "job " << record.id << ": cannot append event to "
-                     << record.dir;
-      }
-    }
-    record.events.push_back(event);
-    record.job.set_event_count(static_cast<int64_t>(record.events.size()));
+    appended = AppendEventLocked(record, std::move(event));
     if (options_.observer) snapshot = record.job;
   }
-  if (options_.observer) options_.observer->JobEvent(snapshot, event);
+  if (options_.observer) options_.observer->JobEvent(snapshot, appended);
+}
+
+JobEvent JobManager::AppendEventLocked(JobRecord& record, JobEvent event) {
+  event.set_job_id(record.id);
+  event.set_sequence(static_cast<int64_t>(record.events.size()) + 1);
+  SetTimestamp(absl::Now(), event.mutable_time());
+  if (!record.dir.empty()) {
+    std::ofstream out(record.dir + "/" + kEventsFile,
+                      std::ios::binary | std::ios::app);
+    const std::string framed = Framed(event);
+    out.write(framed.data(), framed.size());
+    if (!out) {
+      LOG(WARNING) << "job " << record.id << ": cannot append event to "
+                   << record.dir;
+    }
+  }
+  record.events.push_back(event);
+  record.job.set_event_count(static_cast<int64_t>(record.events.size()));
+  return event;
 }
 
 void JobManager::PersistJob(const JobRecord& record) {
@@ -376,23 +382,40 @@ void JobManager::PersistJob(const JobRecord& record) {
 void JobManager::Finish(const std::shared_ptr<JobRecord>& record,
                         JobState state, const std::string& message,
                         std::vector<JobEvent> terminal_events) {
-  // Events first, then the state: a watcher that sees the terminal state has
-  // already been able to read every event.
-  for (JobEvent& event : terminal_events) {
-    AppendEvent(*record, std::move(event));
-  }
+  const absl::Time now = absl::Now();
+  auto finish = [&](Job& job) {
+    job.set_state(state);
+    if (!message.empty()) job.set_message(message);
+    SetTimestamp(now, job.mutable_finished_at());
+  };
   Job snapshot;
   {
     absl::MutexLock lock(&record->mu);
-    record->job.set_state(state);
-    if (!message.empty()) record->job.set_message(message);
-    SetTimestamp(absl::Now(), record->job.mutable_finished_at());
     snapshot = record->job;
+  }
+  finish(snapshot);
+  // Metrics first, so that whoever sees the job end also sees it counted.
+  if (options_.observer) options_.observer->JobFinished(snapshot);
+  std::vector<JobEvent> appended;
+  {
+    // The terminal events and the terminal state appear together: a watcher
+    // that sees the state has every event, and GetJob after the last event
+    // shows the final state.
+    absl::MutexLock lock(&record->mu);
+    for (JobEvent& event : terminal_events) {
+      appended.push_back(AppendEventLocked(*record, std::move(event)));
+    }
+    finish(record->job);
+    snapshot = record->job;
+  }
+  if (options_.observer) {
+    for (const JobEvent& event : appended) {
+      options_.observer->JobEvent(snapshot, event);
+    }
   }
   PersistJob(*record);
   LOG(INFO) << "job " << record->id << " " << kennel::v1::JobState_Name(state)
             << (message.empty() ? "" : ": ") << message;
-  if (options_.observer) options_.observer->JobFinished(snapshot);
 }
 
 void JobManager::WorkerLoop() {

@@ -129,6 +129,10 @@ class JobManager {
               kennel::v1::JobState state, const std::string& message,
               std::vector<kennel::v1::JobEvent> terminal_events);
   void AppendEvent(JobRecord& record, kennel::v1::JobEvent event);
+  // Appends under the record's mutex (held by the caller); returns the
+  // event as recorded.
+  kennel::v1::JobEvent AppendEventLocked(JobRecord& record,
+                                         kennel::v1::JobEvent event);
   void PersistJob(const JobRecord& record);
   std::shared_ptr<JobRecord> Find(const std::string& id) const;
 

@@ -50,7 +50,6 @@ int main(int argc, char** argv) {
     return 2;
   }
   const int threads = kennel::ThreadsFromFlags();
-  kennel::trainer::SetComputeThreads(threads);
 
   kennel::Server server(kennel::ServerOptionsFromFlags(
       "kennel-trainer", "127.0.0.1:50052", "127.0.0.1:9102"));
@@ -108,6 +107,7 @@ int main(int argc, char** argv) {
     LOG(ERROR) << s;
     return 1;
   }
+  kennel::trainer::SetComputeThreads(threads);
   LOG(INFO) << "data root "
             << (options.data_root.empty() ? "(none)" : options.data_root)
             << ", cache " << options.cache_dir << ", jobs "
