@@ -63,7 +63,7 @@ class Compose(unittest.TestCase):
         self.assertFalse(problems, "\n".join(problems))
 
     def test_same_flags_as_kubernetes(self):
-        dt.require_kubectl()
+        dt.skip_without_kubectl(self)
         from test_k8s_manifests import kennel_flags
         objects = dt.render("overlays/dev")
         for service in dt.SERVICES:
