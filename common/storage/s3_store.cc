@@ -391,6 +391,20 @@ absl::StatusOr<S3Store::Response> S3Store::Perform(Request request) {
     if (request.method == "HEAD") {
       curl_easy_setopt(handle, CURLOPT_NOBODY, 1L);
       curl_easy_setopt(handle, CURLOPT_FILETIME, 1L);
+    } else if ((request.method == "PUT" || request.method == "POST") &&
+               request.fd < 0) {
+      // A body in memory goes as "post fields", for which curl skips the
+      // "Expect: 100-continue" round trip below 1 MiB. (Removing that header
+      // by hand would break the signature: curl signs it even when removed.)
+      curl_easy_setopt(handle, CURLOPT_CUSTOMREQUEST, request.method.c_str());
+      curl_easy_setopt(handle, CURLOPT_POSTFIELDSIZE_LARGE,
+                       static_cast<curl_off_t>(body_size));
+      curl_easy_setopt(handle, CURLOPT_POSTFIELDS,
+                       request.data.empty() ? "" : request.data.data());
+      headers = curl_slist_append(
+          headers, request.method == "POST"
+                       ? "Content-Type: application/xml"
+                       : "Content-Type: application/octet-stream");
     } else if (request.method == "PUT") {
       curl_easy_setopt(handle, CURLOPT_UPLOAD, 1L);
       curl_easy_setopt(handle, CURLOPT_INFILESIZE_LARGE,
@@ -403,7 +417,6 @@ absl::StatusOr<S3Store::Response> S3Store::Perform(Request request) {
                        static_cast<curl_off_t>(body_size));
       curl_easy_setopt(handle, CURLOPT_READFUNCTION, &ReadBody);
       curl_easy_setopt(handle, CURLOPT_READDATA, &t);
-      // Without this curl sends a form content type.
       headers = curl_slist_append(headers, "Content-Type: application/xml");
     } else if (request.method != "GET") {
       curl_easy_setopt(handle, CURLOPT_CUSTOMREQUEST, request.method.c_str());
