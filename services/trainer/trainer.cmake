@@ -41,3 +41,9 @@ kennel_test(head_trainer_test
 add_executable(kennel-trainer ${CMAKE_CURRENT_LIST_DIR}/main.cc)
 target_compile_options(kennel-trainer PRIVATE ${KENNEL_WARNINGS})
 target_link_libraries(kennel-trainer PRIVATE kennel_trainer_torch)
+
+# Exports cached features, initial weights and batch order for the parity
+# test (tests/integration/test_head_parity.py).
+add_executable(kennel-head-trace ${CMAKE_CURRENT_LIST_DIR}/head_trace_main.cc)
+target_compile_options(kennel-head-trace PRIVATE ${KENNEL_WARNINGS})
+target_link_libraries(kennel-head-trace PRIVATE kennel_trainer_torch)
