@@ -72,6 +72,9 @@ ModelWatch::ModelWatch(
     std::unique_ptr<grpc::ClientReader<v1::WatchModelResponse>> reader)
     : context_(std::move(context)), reader_(std::move(reader)) {}
 
+ModelWatch::ModelWatch(absl::Status failure)
+    : finished_(true), status_(std::move(failure)) {}
+
 ModelWatch::~ModelWatch() {
   if (finished_ || reader_ == nullptr) return;
   context_->TryCancel();
@@ -403,9 +406,7 @@ std::unique_ptr<ModelWatch> RegistryClient::Watch(const std::string& ref) {
   // registry that vanished.
   PrepareContext(options_, context.get(), absl::InfiniteDuration());
   auto stub_or = stub();
-  if (!stub_or.ok()) {
-    return std::make_unique<ModelWatch>(std::move(context), nullptr);
-  }
+  if (!stub_or.ok()) return std::make_unique<ModelWatch>(stub_or.status());
   v1::WatchModelRequest request;
   request.set_ref(ref);
   auto reader = (*stub_or)->WatchModel(context.get(), request);

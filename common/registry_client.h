@@ -28,6 +28,8 @@ class ModelWatch {
   ModelWatch(
       std::unique_ptr<grpc::ClientContext> context,
       std::unique_ptr<grpc::ClientReader<v1::WatchModelResponse>> reader);
+  // A watch that could not start: Next() returns false, status() says why.
+  explicit ModelWatch(absl::Status failure);
   ~ModelWatch();
 
   // The next state of the ref (the first is its state when the watch

@@ -396,6 +396,17 @@ TEST_F(RegistryServiceTest, SlowWatcherGetsTheNewestStateNotABacklog) {
             << kMoves + 1 << " moves";
 }
 
+TEST_F(RegistryServiceTest, ClientReportsAChannelItCannotMake) {
+  ClientOptions options = Options();
+  options.tls_ca = dir_ + "/no-such-ca.pem";
+  RegistryClient client(options);
+  EXPECT_TRUE(absl::IsInvalidArgument(client.GetModel("dogs").status()));
+  auto watch = client.Watch("dogs");
+  v1::WatchModelResponse state;
+  EXPECT_FALSE(watch->Next(&state));
+  EXPECT_TRUE(absl::IsInvalidArgument(watch->status())) << watch->status();
+}
+
 TEST_F(RegistryServiceTest, DrainEndsWatchesSoTheServerCanStop) {
   RegistryClient client(Options());
   auto watch = client.Watch("dogs");
