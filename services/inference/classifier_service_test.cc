@@ -315,6 +315,36 @@ TEST_F(ClassifierServiceTest,
   EXPECT_GT(batched, 0);
 }
 
+TEST_F(ClassifierServiceTest, DrainEndsOpenStreamsAfterTheirAnswers) {
+  ASSERT_TRUE(
+      manager_->Load(Candidate(1, std::make_shared<FakeBehaviour>())).ok());
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() +
+                       std::chrono::seconds(30));
+  auto stream = stub_->ClassifyStream(&context);
+  auto request = Request(Jpeg(64, 48));
+  request.set_request_id("before");
+  ASSERT_TRUE(stream->Write(request));
+  kennel::v1::ClassifyResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  EXPECT_EQ(response.request_id(), "before");
+  EXPECT_EQ(response.error_code(), 0);
+  // The client keeps the stream open; the drain must end it anyway.
+  service_->BeginDrain();
+  const absl::Time start = absl::Now();
+  while (stream->Read(&response)) {
+  }
+  stream->Finish();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+  // New streams are refused while draining.
+  grpc::ClientContext again;
+  auto refused = stub_->ClassifyStream(&again);
+  refused->WritesDone();
+  while (refused->Read(&response)) {
+  }
+  EXPECT_EQ(refused->Finish().error_code(), grpc::StatusCode::UNAVAILABLE);
+}
+
 TEST_F(ClassifierServiceTest, SwapUnderLoadDropsNothing) {
   auto b1 = std::make_shared<FakeBehaviour>();
   b1->winner = 0;
