@@ -176,6 +176,8 @@ class BadInputTest(unittest.TestCase):
             # gRPC answers a request it cannot parse itself, with INTERNAL.
             ("get: invalid UTF-8 ref", C.INTERNAL, lambda: raw_get(bad_utf8_ref, timeout=10)),
             ("get: not a protobuf", C.INTERNAL, lambda: raw_get(b"\x0a\xff\xff\xff", timeout=10)),
+            ("list models: not a protobuf", C.INTERNAL, lambda: e2e.raw_unary(
+                self.registry.addr, "/kennel.v1.ModelRegistry/ListModels")(b"\xff", timeout=10)),
             ("has blobs: traversal", C.INVALID_ARGUMENT, lambda: reg.HasBlobs(
                 registry_pb2.HasBlobsRequest(digests=["../../x"]), timeout=10)),
             ("has blobs: 100k digests", C.INVALID_ARGUMENT, lambda: reg.HasBlobs(
@@ -426,6 +428,9 @@ class BadInputTest(unittest.TestCase):
             ("invalid UTF-8 content type", C.INTERNAL,
              lambda: raw_classify(bad_utf8_type, timeout=10)),
             ("not a protobuf", C.INTERNAL, lambda: raw_classify(b"\x12\xff\xff", timeout=10)),
+            ("model status: not a protobuf", C.INTERNAL, lambda: e2e.raw_unary(
+                self.inference.addr, "/kennel.v1.Classifier/GetModelStatus")(b"\xff",
+                                                                              timeout=10)),
         ]
         self.sweep(led, cases)
 

@@ -129,9 +129,10 @@ class OverloadTest(unittest.TestCase):
         accepted = heavy.latencies()
         p50, p99 = e2e.percentile(accepted, 50), e2e.percentile(accepted, 99)
         # An accepted request waits at most for the queue ahead of it and
-        # its own batch: (queue + batch) / capacity. Allow 3x that, and no
-        # less than 1 s, for a shared machine.
-        bound = max(1.0, 3 * (MAX_QUEUE + MAX_BATCH) / capacity)
+        # its own batch: (queue + batch) / capacity, a quarter of a second
+        # here. Allow 5x that, and no less than 1.5 s, for a shared machine;
+        # an unbounded queue would reach 10 s and more in this run.
+        bound = max(1.5, 5 * (MAX_QUEUE + MAX_BATCH) / capacity)
         led.note("capacity (req/s, closed loop, 4 clients)", round(capacity, 1))
         led.note("offered under overload (req/s)", round(heavy.offered_rate, 1))
         led.note("served under overload (req/s)", round(ok / OVERLOAD_SECONDS, 1))
