@@ -38,6 +38,10 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(
   // Reconnect quickly after a server restart instead of backing off for
   // up to two minutes.
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
+  // Spread calls over every address a name resolves to (a headless
+  // Kubernetes Service lists one per pod); with one address this is the same
+  // as pick_first.
+  args.SetLoadBalancingPolicyName("round_robin");
   return grpc::CreateCustomChannel(options.address, credentials, args);
 }
 

@@ -119,6 +119,18 @@ TEST_F(ServerMetricsTest, ScrapeHasProcessMetrics) {
   EXPECT_GT(start, 1.6e9);
 }
 
+TEST_F(ServerMetricsTest, LivenessStaysServingWhileNotReady) {
+  server_->SetServing(false);
+  HealthCheckResponse response;
+  ASSERT_TRUE(Check("", &response).ok());
+  EXPECT_EQ(response.status(), HealthCheckResponse::NOT_SERVING);
+  ASSERT_TRUE(Check(kLivenessService, &response).ok());
+  EXPECT_EQ(response.status(), HealthCheckResponse::SERVING);
+  server_->SetServing(true);
+  ASSERT_TRUE(Check("", &response).ok());
+  EXPECT_EQ(response.status(), HealthCheckResponse::SERVING);
+}
+
 TEST_F(ServerMetricsTest, ShutdownReportsNotServingAndEndsWait) {
   std::thread waiter([&] { server_->Wait(); });
   server_->Shutdown();

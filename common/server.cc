@@ -125,6 +125,9 @@ absl::Status Server::Start() {
     return s;
   }
   SetServing(initially_serving_);
+  if (auto* health = server_->GetHealthCheckService()) {
+    health->SetServingStatus(kLivenessService, true);
+  }
   LOG(INFO) << options_.name << " listening on "
             << listen.substr(0, listen.rfind(':')) << ":" << port_
             << (options_.tls_cert.empty() ? " (plaintext)" : " (TLS)")
@@ -144,7 +147,8 @@ void Server::SetServing(bool serving) {
   }
   auto* health = server_->GetHealthCheckService();
   if (health == nullptr) return;
-  health->SetServingStatus(serving);
+  // Named one by one: the overload without a name would also flip liveness.
+  health->SetServingStatus("", serving);
   for (auto& [service, name] : services_) {
     health->SetServingStatus(name, serving);
   }

@@ -40,6 +40,10 @@ struct ServerOptions {
   absl::Duration drain_grace = absl::Seconds(30);
 };
 
+// Health-check name that reports whether the process is alive, as opposed to
+// ready to serve.
+inline constexpr char kLivenessService[] = "liveness";
+
 // Turns ":PORT" into "0.0.0.0:PORT"; leaves anything else alone.
 std::string NormalizeListenAddress(const std::string& address);
 
@@ -68,8 +72,11 @@ class Server {
   int port() const { return port_; }
   int metrics_port() const { return metrics_.port(); }
 
-  // Sets the health status of every registered service and of "". A server
-  // starts SERVING unless initially_serving was cleared before Start.
+  // Sets the health status of every registered service and of "" (readiness).
+  // A server starts SERVING unless initially_serving was cleared before Start.
+  // The health name "liveness" (kLivenessService) is SERVING from Start until
+  // the drain whatever readiness says, so a liveness probe does not restart a
+  // process that is only waiting (inference before its first model).
   void SetServing(bool serving);
   void set_initially_serving(bool serving) { initially_serving_ = serving; }
 

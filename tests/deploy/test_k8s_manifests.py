@@ -200,6 +200,10 @@ class OverlayChecks:
             # registered it (or reports it NOT_SERVING) takes no traffic.
             self.assertEqual(container["readinessProbe"]["grpc"].get("service"),
                              HEALTH_NAMES[service], service)
+            # Liveness asks for the name that stays SERVING while the process
+            # runs, so waiting for a model is not a reason to restart.
+            self.assertEqual(container["livenessProbe"]["grpc"].get("service"),
+                             "liveness", service)
 
     def test_drain_fits_in_grace_period(self):
         for service in dt.SERVICES:
