@@ -23,9 +23,13 @@ SERVICES = {
 }
 
 
-def helpfull(kind):
-    return subprocess.run([kt.binary(kind), "--helpfull"], capture_output=True,
-                          text=True).stdout
+def server_args(kind, tmp, model=None):
+    """Flags that keep a server's state inside the test's temp folder."""
+    if kind == "registry":
+        return [f"--storage=file://{tmp}/store"]
+    if kind == "trainer":
+        return [f"--jobs-dir={tmp}/jobs", f"--cache-dir={tmp}/cache", f"--data-root={tmp}"]
+    return [f"--model-path={model}", f"--cache-dir={tmp}/icache"]
 
 
 class FoundationTest(unittest.TestCase):
@@ -35,15 +39,8 @@ class FoundationTest(unittest.TestCase):
         cls.model = kt.export_test_model(os.path.join(cls.tmp, "model.pt"))
         cls.services = {}
         for kind in SERVICES:
-            args = []
-            if kind == "registry" and "--storage (" in helpfull(kind):
-                args.append(f"--storage=file://{cls.tmp}/store")
-            if kind == "trainer" and "--jobs_dir (" in helpfull(kind):
-                args += [f"--jobs-dir={cls.tmp}/jobs", f"--cache-dir={cls.tmp}/cache",
-                         f"--data-root={cls.tmp}"]
-            if kind == "inference" and "--model_path (" in helpfull(kind):
-                args += [f"--model-path={cls.model}", f"--cache-dir={cls.tmp}/icache"]
-            cls.services[kind] = kt.Service(kind, *args, workdir=cls.tmp).start()
+            cls.services[kind] = kt.Service(kind, *server_args(kind, cls.tmp, cls.model),
+                                            workdir=cls.tmp).start()
 
     @classmethod
     def tearDownClass(cls):
@@ -68,6 +65,11 @@ class FoundationTest(unittest.TestCase):
                                timeout=5)
                 return r.status == health_pb2.HealthCheckResponse.SERVING
             kt.wait_until(serving, timeout=60, what=f"{kind} SERVING over grpcio")
+
+    def test_liveness_is_serving_on_every_service(self):
+        for kind, service in self.services.items():
+            r = kt.kennel("health", "liveness", addr=service.addr)
+            self.assertEqual(r.returncode, 0, f"{kind}: {r.stderr}")
 
     def test_health_of_an_unknown_service_is_not_found(self):
         r = kt.kennel("health", "no.such.Service", addr=self.services["registry"].addr)
@@ -142,14 +144,7 @@ class ProcessTest(unittest.TestCase):
     def test_sigterm_when_idle_exits_zero(self):
         for kind in ("registry", "trainer"):
             tmp = tempfile.mkdtemp(prefix="kennel-term-")
-            s = kt.Service(kind, workdir=tmp, metrics=False)
-            args = []
-            if kind == "registry" and "--storage (" in helpfull(kind):
-                args.append(f"--storage=file://{tmp}/store")
-            if kind == "trainer" and "--jobs_dir (" in helpfull(kind):
-                args += [f"--jobs-dir={tmp}/jobs", f"--cache-dir={tmp}/cache",
-                         f"--data-root={tmp}"]
-            s.args = args
+            s = kt.Service(kind, *server_args(kind, tmp), workdir=tmp, metrics=False)
             s.start()
             self.assertEqual(s.stop(signal.SIGTERM), 0, s.log())
             self.assertIn("stopped", s.log())
@@ -169,10 +164,8 @@ class ProcessTest(unittest.TestCase):
 
     def test_busy_port_is_a_clear_error(self):
         tmp = tempfile.mkdtemp(prefix="kennel-busy-")
-        with kt.Service("trainer", workdir=tmp, metrics=False,
-                        *([f"--jobs-dir={tmp}/jobs", f"--cache-dir={tmp}/cache",
-                           f"--data-root={tmp}"] if "--jobs_dir (" in helpfull("trainer")
-                          else [])) as first:
+        with kt.Service("trainer", *server_args("trainer", tmp), workdir=tmp,
+                        metrics=False) as first:
             r = subprocess.run([kt.binary("trainer"), f"--listen={first.addr}",
                                 "--metrics-listen=off"] + first.args,
                                capture_output=True, text=True, timeout=30)
@@ -194,8 +187,7 @@ class TlsTest(unittest.TestCase):
              "-keyout", cls.key, "-out", cls.cert],
             check=True, capture_output=True, timeout=60)
         args = [f"--tls-cert={cls.cert}", f"--tls-key={cls.key}"]
-        if "--storage (" in helpfull("registry"):
-            args.append(f"--storage=file://{cls.tmp}/store")
+        args += server_args("registry", cls.tmp)
         cls.registry = kt.Service("registry", *args, workdir=cls.tmp,
                                   metrics=False).start()
 
