@@ -54,12 +54,18 @@ def make_root(tmp, per_class=10, classes=None, name="fm"):
     if classes:
         args += ["--classes", ",".join(str(c) for c in classes)]
     kt.kennel(*args, check=True, timeout=120)
+    export_small_cnn(root)
+    return root
+
+
+def export_small_cnn(root):
+    """Writes root/small_cnn.pt (random weights, seed 1) unless it exists."""
     backbone = os.path.join(root, "small_cnn.pt")
     if not os.path.exists(backbone):
         subprocess.run([kt.PYTHON, os.path.join(kt.SOURCE_DIR, "tools", "export_backbone.py"),
                         "--arch", "small_cnn", "--weights", "random", "--seed", "1",
                         "--out", backbone], check=True, capture_output=True, timeout=300)
-    return root
+    return backbone
 
 
 def make_odd_backbones(root):
