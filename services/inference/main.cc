@@ -27,6 +27,9 @@
 
 ABSL_FLAG(std::string, registry, "",
           "HOST:PORT of kennel-registry; with --model, follow a ref there.");
+ABSL_FLAG(std::string, registry_tls_ca, "",
+          "PEM file of the CA that signed the registry's certificate; "
+          "connects to --registry with TLS when set.");
 ABSL_FLAG(std::string, model, "",
           "Registry ref to follow: NAME (newest version), NAME:VERSION or "
           "NAME@ALIAS. Needs --registry.");
@@ -204,6 +207,11 @@ int main(int argc, char** argv) {
     if (auto parsed = kennel::ParseModelRef(ref); !parsed.ok()) {
       return Usage("--model: " + std::string(parsed.status().message()));
     }
+    // An unreadable CA would only show as watch failures retried forever.
+    if (const std::string ca = absl::GetFlag(FLAGS_registry_tls_ca);
+        !ca.empty() && !std::ifstream(ca)) {
+      return Usage("--registry-tls-ca: cannot read " + ca);
+    }
   }
   kennel::v1::Precision precision;
   const std::string precision_flag = absl::GetFlag(FLAGS_precision);
@@ -281,6 +289,7 @@ int main(int argc, char** argv) {
   } else {
     inf::RegistrySource::Options options;
     options.client.address = registry;
+    options.client.tls_ca = absl::GetFlag(FLAGS_registry_tls_ca);
     options.ref = ref;
     options.cache_dir = absl::GetFlag(FLAGS_cache_dir);
     options.on_thread_start = inf::PrepareThreadForTorch;
