@@ -58,8 +58,9 @@ class BadInputTest(unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
+        # kill: a graceful stop waits seconds on the sweep's idle connections.
         for s in (cls.inference, cls.trainer, cls.registry):
-            s.stop()
+            s.kill()
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     @classmethod

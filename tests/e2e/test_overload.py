@@ -79,7 +79,7 @@ class OverloadTest(unittest.TestCase):
                             "--threads=1", f"--max-batch-size={MAX_BATCH}",
                             f"--max-queue={MAX_QUEUE}", "--max-queue-delay=2ms",
                             workdir=tmp).start()
-        self.addCleanup(server.stop)
+        self.addCleanup(server.kill)
         e2e.wait_serving(server.addr, timeout=120)
         stub = e2e.classifier_stub(server.addr)
         image = e2e.image_bytes(96, 96)

@@ -8,7 +8,8 @@
   inference (which has no mutating RPC) keeps classifying.
 - With TLS, a plaintext client (grpcio and the CLI) cannot connect to any
   service; a client that trusts the CA can, the trainer registers a model
-  in a TLS registry, and the token is still required over TLS.
+  in a TLS registry, inference follows it there, and the token is still
+  required over TLS.
 """
 
 import os
@@ -84,8 +85,9 @@ class TokenTest(unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
+        # kill: a graceful stop waits seconds on the tests' idle connections.
         for s in (cls.inference, cls.trainer, cls.registry):
-            s.stop()
+            s.kill()
 
     def refused_everywhere(self, led, what, call):
         """call(metadata) must be UNAUTHENTICATED for every bad credential."""
@@ -242,7 +244,7 @@ class TlsTest(unittest.TestCase):
     @classmethod
     def tearDownClass(cls):
         for s in cls.services.values():
-            s.stop()
+            s.kill()
 
     def secure(self, service):
         return grpc.secure_channel(f"localhost:{service.port}", self.creds)
@@ -305,6 +307,24 @@ class TlsTest(unittest.TestCase):
         got = led.call(reg.GetModel, registry_pb2.GetModelRequest(ref="fm@production"),
                        timeout=10)[0]
         self.assertEqual(got.version, 1)
+        led.checked()
+        # Inference follows it there, over TLS too, and serves it over TLS.
+        follower = kt.Service(
+            "inference", f"--registry=localhost:{self.registry.port}",
+            f"--registry-tls-ca={self.cert}", "--model=fm@production",
+            f"--cache-dir={self.tmp}/icache", f"--tls-cert={self.cert}",
+            f"--tls-key={self.key}", workdir=self.tmp, metrics=False).start()
+        self.addCleanup(follower.kill)
+        stub = inference_pb2_grpc.ClassifierStub(self.secure(follower))
+        status = kt.wait_until(lambda: (lambda s: s if s.ready else None)(
+            stub.GetModelStatus(inference_pb2.GetModelStatusRequest(), timeout=5)),
+            timeout=60, what="inference to load fm@production from the TLS registry")
+        self.assertEqual((status.model_name, status.model_version), ("fm", 1))
+        self.assertEqual(status.model_digest, got.components[0].digest)
+        response, error = led.call(stub.Classify, inference_pb2.ClassifyRequest(
+            image=e2e.image_bytes(28, 28, fmt="PNG")), timeout=10)
+        self.assertIsNone(error, error and error.details())
+        self.assertEqual(response.model_version, 1)
         led.checked()
 
 
