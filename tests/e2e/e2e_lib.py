@@ -28,10 +28,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "integration"))
 
 import kennel_testlib as kt  # noqa: E402
-import test_registry_common as rc  # noqa: E402,F401
+import test_registry_common as rc  # noqa: E402,F401  (re-exported for the scenarios)
 
 import grpc  # noqa: E402
-from kennel.v1 import (inference_pb2, inference_pb2_grpc, registry_pb2,  # noqa: E402
+from kennel.v1 import (inference_pb2, inference_pb2_grpc,  # noqa: E402
                        registry_pb2_grpc, trainer_pb2_grpc)
 
 RESULTS_DIR = os.environ.get("KENNEL_E2E_RESULTS",

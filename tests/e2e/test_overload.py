@@ -9,7 +9,6 @@ stays bounded; its peak RSS (VmHWM from /proc) is reported. When the load
 drops it serves every request at once, at its normal latency.
 """
 
-import os
 import tempfile
 import threading
 import time
