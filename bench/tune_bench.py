@@ -27,7 +27,7 @@ takes minutes per pass). The backbone is torchvision's ResNet50 exported by
 tools/export_backbone.py (ImageNet weights when they can be downloaded,
 random weights otherwise; the cost is the same).
 
-Run: /usr/bin/python3 bench/tune_bench.py [--build build] [--scale 0.25]
+Run: /usr/bin/python3 bench/tune_bench.py [--build-dir build] [--scale 0.25]
          [--precision auto|fp32|bf16] [--threads 2] [--workdir DIR] [--json]
 """
 
@@ -49,7 +49,7 @@ CLASSES = 133
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--build", default=os.path.join(SOURCE, "build"))
+    p.add_argument("--build", "--build-dir", dest="build", default=os.path.join(SOURCE, "build"))
     p.add_argument("--workdir", default="", help="keeps the generated set and backbone between runs")
     p.add_argument("--scale", type=float, default=1.0, help="share of the dogImages split sizes")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
@@ -83,6 +83,9 @@ def generate(root, scale):
     from PIL import Image
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:480, 0:640].astype(np.float32)
+    # Fresh noise per image costs more than the JPEG encode; shifted copies
+    # of a few noise fields keep every image different.
+    bank = [rng.normal(0, 25, size=(480, 640, 3)).astype(np.float32) for _ in range(8)]
     for split, full in DOG_SPLITS.items():
         n = max(CLASSES, int(round(full * scale)))
         for i in range(n):
@@ -93,7 +96,8 @@ def generate(root, scale):
             base = crng.uniform(40, 215, size=3)
             freq = crng.uniform(0.005, 0.05, size=2)
             wave = 40 * np.sin(xx * freq[0] + yy * freq[1] + rng.uniform(0, 6.28))
-            img = base[None, None, :] + wave[..., None] + rng.normal(0, 25, size=(480, 640, 3))
+            noise = np.roll(bank[i % len(bank)], int(rng.integers(0, 640)), axis=1)
+            img = base[None, None, :] + wave[..., None] + noise
             Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
                 os.path.join(folder, f"{split}_{i:05d}.jpg"), quality=85)
     with open(os.path.join(root, "DONE"), "w") as f:
@@ -164,7 +168,8 @@ def main():
     images = sum(counts.values())
     result = {"scale": ARGS.scale, "images": counts, "classes": CLASSES,
               "threads": ARGS.threads, "precision_requested": ARGS.precision,
-              "trials": ARGS.trials, "epochs": 5, "parallel": ARGS.parallel}
+              "trials": ARGS.trials, "epochs": 5, "parallel": ARGS.parallel,
+              "load_average_at_start": os.getloadavg()}
 
     for cache in ("cache-pass", "cache-search"):
         shutil.rmtree(os.path.join(work, cache), ignore_errors=True)
@@ -221,6 +226,7 @@ def main():
     # The original ran every epoch of every trial through the backbone.
     result["original_backbone_passes"] = ARGS.trials * 5
     result["original_estimate_seconds"] = ARGS.trials * 5 * result["pass"]["feature_seconds"]
+    result["load_average_at_end"] = os.getloadavg()
     print(json.dumps(result, indent=2))
     return 0
 

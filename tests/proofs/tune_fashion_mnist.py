@@ -44,7 +44,7 @@ SOURCE = os.path.abspath(os.path.join(HERE, "..", ".."))
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--build", default=os.path.join(SOURCE, "build"))
+    p.add_argument("--build", "--build-dir", dest="build", default=os.path.join(SOURCE, "build"))
     p.add_argument("--workdir", default="")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--trials", type=int, default=16)
