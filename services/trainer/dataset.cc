@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <map>
 #include <set>
 #include <system_error>
 
@@ -10,6 +11,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "common/sha256.h"
 #include "common/status.h"
 
@@ -255,39 +257,19 @@ absl::StatusOr<std::string> ResolveUnderRoot(const std::string& data_root,
   return real.string();
 }
 
-absl::StatusOr<Dataset> ScanImageFolder(const std::string& dir,
-                                        const std::string& data_root) {
-  std::error_code ec;
-  const fs::path root = fs::canonical(data_root, ec);
-  if (ec) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "--data-root ", data_root, " cannot be resolved: ", ec.message()));
-  }
-  if (!fs::is_directory(dir, ec)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("data set ", dir, " is not a folder"));
-  }
-  Dataset dataset;
-  dataset.dir = dir;
-  ScannedSplit scanned[3];
-  const char* names[3] = {"train", "valid", "test"};
-  bool present[3] = {false, false, false};
-  for (int i = 0; i < 3; ++i) {
-    const fs::path split_dir = fs::path(dir) / names[i];
-    if (!fs::exists(split_dir, ec)) continue;
-    ASSIGN_OR_RETURN(fs::path real,
-                     CheckedEntry(root, fs::directory_entry(split_dir)));
-    if (!fs::is_directory(real, ec)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(split_dir.string(), " is not a folder"));
-    }
-    ASSIGN_OR_RETURN(scanned[i], ScanSplit(root, real));
-    present[i] = true;
-  }
+namespace {
+
+constexpr const char* kSplitNames[3] = {"train", "valid", "test"};
+
+// Validates scanned splits and turns them into a Dataset (see
+// ScanImageFolder for the rules).
+absl::StatusOr<Dataset> BuildDataset(const std::string& dir,
+                                     const ScannedSplit (&scanned)[3],
+                                     const bool (&present)[3]) {
   for (int i = 0; i < 2; ++i) {
     if (!present[i]) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "data set ", dir, " has no ", names[i],
+          "data set ", dir, " has no ", kSplitNames[i],
           "/ folder; the layout is train/, valid/ and (optionally) test/, "
           "each with one folder per class"));
     }
@@ -302,7 +284,8 @@ absl::StatusOr<Dataset> ScanImageFolder(const std::string& dir,
   }
   for (int i = 1; i < 3; ++i) {
     if (present[i]) {
-      RETURN_IF_ERROR(SameClasses(names[0], scanned[0], names[i], scanned[i]));
+      RETURN_IF_ERROR(
+          SameClasses(kSplitNames[0], scanned[0], kSplitNames[i], scanned[i]));
     }
   }
   std::vector<std::string> empty;
@@ -321,9 +304,11 @@ absl::StatusOr<Dataset> ScanImageFolder(const std::string& dir,
     for (const auto& [name, files] : scanned[i].classes) total += files.size();
     if (total == 0) {
       return absl::InvalidArgumentError(
-          absl::StrCat("no images in ", dir, "/", names[i]));
+          absl::StrCat("no images in ", dir, "/", kSplitNames[i]));
     }
   }
+  Dataset dataset;
+  dataset.dir = dir;
   dataset.class_dirs = ClassNames(scanned[0]);
   for (const std::string& folder : dataset.class_dirs) {
     dataset.labels.push_back(LabelFromFolder(folder));
@@ -333,6 +318,66 @@ absl::StatusOr<Dataset> ScanImageFolder(const std::string& dir,
   if (present[2]) dataset.test = ToSplit("test", scanned[2]);
   dataset.test.name = "test";
   return dataset;
+}
+
+}  // namespace
+
+absl::StatusOr<Dataset> ScanImageFolder(const std::string& dir,
+                                        const std::string& data_root) {
+  std::error_code ec;
+  const fs::path root = fs::canonical(data_root, ec);
+  if (ec) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "--data-root ", data_root, " cannot be resolved: ", ec.message()));
+  }
+  if (!fs::is_directory(dir, ec)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("data set ", dir, " is not a folder"));
+  }
+  ScannedSplit scanned[3];
+  bool present[3] = {false, false, false};
+  for (int i = 0; i < 3; ++i) {
+    const fs::path split_dir = fs::path(dir) / kSplitNames[i];
+    if (!fs::exists(split_dir, ec)) continue;
+    ASSIGN_OR_RETURN(fs::path real,
+                     CheckedEntry(root, fs::directory_entry(split_dir)));
+    if (!fs::is_directory(real, ec)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(split_dir.string(), " is not a folder"));
+    }
+    ASSIGN_OR_RETURN(scanned[i], ScanSplit(root, real));
+    present[i] = true;
+  }
+  return BuildDataset(dir, scanned, present);
+}
+
+absl::StatusOr<Dataset> DatasetFromListing(
+    const std::string& dir, const std::vector<std::string>& files) {
+  ScannedSplit scanned[3];
+  bool present[3] = {false, false, false};
+  std::map<std::string, std::vector<std::string>> by_class[3];
+  for (const std::string& file : files) {
+    std::vector<std::string> parts = absl::StrSplit(file, '/');
+    if (parts.size() != 3 || parts[1].empty() || parts[2].empty() ||
+        parts[1][0] == '.' || parts[2][0] == '.') {
+      continue;
+    }
+    for (int i = 0; i < 3; ++i) {
+      if (parts[0] != kSplitNames[i]) continue;
+      present[i] = true;
+      std::vector<std::string>& list = by_class[i][parts[1]];
+      if (HasImageExtension(parts[2])) {
+        list.push_back(absl::StrCat(dir, "/", file));
+      }
+    }
+  }
+  for (int i = 0; i < 3; ++i) {
+    for (auto& [name, list] : by_class[i]) {
+      std::sort(list.begin(), list.end());
+      scanned[i].classes.emplace_back(name, std::move(list));
+    }
+  }
+  return BuildDataset(dir, scanned, present);
 }
 
 absl::Status BadImageBudget::Check(

@@ -77,6 +77,13 @@ struct BadImages {
   size_t total() const { return train.size() + valid.size() + test.size(); }
 };
 
+// The same validation over a listing of relative file names
+// ("train/001.Cat/a.jpg", ...), for data sets that live in an object store;
+// the images' paths are dir + "/" + name. Names that are not
+// split/class/file are ignored.
+absl::StatusOr<Dataset> DatasetFromListing(
+    const std::string& dir, const std::vector<std::string>& files);
+
 // Counts images that could not be decoded in one split and decides when a
 // job must give up on the data set.
 struct BadImageBudget {

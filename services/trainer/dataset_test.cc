@@ -167,6 +167,22 @@ TEST_F(DatasetTest, NoDataRootRefusesLocalData) {
   EXPECT_THAT(dir.status().message(), HasSubstr("--data-root"));
 }
 
+TEST(DatasetFromListingTest, SameRulesAsFolders) {
+  auto dataset = DatasetFromListing(
+      "/cache/x",
+      {"train/001.Cat/a.jpg", "train/002.Dog/b.png", "valid/001.Cat/c.jpg",
+       "valid/002.Dog/d.jpg", "train/002.Dog/notes.txt", "README.md"});
+  ASSERT_TRUE(dataset.ok()) << dataset.status();
+  EXPECT_THAT(dataset->labels, ::testing::ElementsAre("Cat", "Dog"));
+  EXPECT_EQ(dataset->train.images[1].path, "/cache/x/train/002.Dog/b.png");
+  EXPECT_TRUE(dataset->test.images.empty());
+  auto mismatched = DatasetFromListing(
+      "/cache/x", {"train/001.Cat/a.jpg", "train/002.Dog/b.png",
+                   "valid/001.Cat/c.jpg", "valid/003.Bird/d.jpg"});
+  EXPECT_EQ(mismatched.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(mismatched.status().message(), HasSubstr("003.Bird"));
+}
+
 TEST(BadImageBudgetTest, FailsAboveShare) {
   BadImageBudget budget{0.1};
   EXPECT_TRUE(budget.Check("train", 100, {"a", "b"}).ok());

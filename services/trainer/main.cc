@@ -35,6 +35,14 @@ ABSL_FLAG(std::string, jobs_dir, "",
 ABSL_FLAG(std::string, device, "auto",
           "auto, cpu or cuda: where jobs train unless they say otherwise "
           "(auto: CUDA when LibTorch has it).");
+ABSL_FLAG(std::string, s3_endpoint, "",
+          "http(s)://HOST:PORT of the S3 service holding s3:// data sets and "
+          "backbones. Empty: AWS (https://s3.REGION.amazonaws.com). "
+          "Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.");
+ABSL_FLAG(std::string, s3_region, "us-east-1", "S3 region used in signatures.");
+ABSL_FLAG(bool, s3_path_style, false,
+          "Address S3 as http://HOST/BUCKET/KEY instead of "
+          "http://BUCKET.HOST/KEY (MinIO, Ceph).");
 ABSL_FLAG(int, max_concurrent_jobs, 1,
           "Jobs that run at once; the rest wait in a queue.");
 
@@ -82,6 +90,9 @@ int main(int argc, char** argv) {
     options.cache_dir = std::string(tmp ? tmp : "/tmp") + "/kennel-trainer";
   }
   options.device = absl::GetFlag(FLAGS_device);
+  options.s3.endpoint = absl::GetFlag(FLAGS_s3_endpoint);
+  options.s3.region = absl::GetFlag(FLAGS_s3_region);
+  options.s3.path_style = absl::GetFlag(FLAGS_s3_path_style);
   options.threads = threads;
   options.publisher = publisher.get();
   options.metrics = &metrics;

@@ -8,10 +8,13 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <map>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
 #include "common/image/image.h"
 #include "common/names.h"
 #include "common/sha256.h"
@@ -196,6 +199,118 @@ absl::StatusOr<SplitFeatures> ExtractSplit(const Split& split,
   return out;
 }
 
+std::string CacheRoot(const TrainerOptions& options) {
+  return options.cache_dir.empty()
+             ? fs::temp_directory_path().string() + "/kennel-trainer"
+             : options.cache_dir;
+}
+
+absl::StatusOr<std::unique_ptr<storage::ObjectStore>> OpenStore(
+    const std::string& url, const TrainerOptions& options,
+    const std::string& what) {
+  auto store = storage::OpenObjectStore(url, options.s3);
+  if (!store.ok()) {
+    return Annotate(store.status(), absl::StrCat("opening ", what, " ", url));
+  }
+  return store;
+}
+
+// Copies one object into `path` through a temporary file.
+absl::Status Download(storage::ObjectStore& store, const std::string& key,
+                      const std::string& path) {
+  std::error_code ec;
+  fs::create_directories(fs::path(path).parent_path(), ec);
+  const std::string tmp = path + ".part";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) return absl::InternalError("cannot write " + tmp);
+    RETURN_IF_ERROR(store.Read(key, 0, -1, [&](absl::string_view data) {
+      out.write(data.data(), data.size());
+      return out ? absl::OkStatus()
+                 : absl::InternalError("cannot write " + tmp);
+    }));
+  }
+  fs::rename(tmp, path, ec);
+  if (ec) return absl::InternalError("cannot rename into " + path);
+  return absl::OkStatus();
+}
+
+// Lists an s3://bucket/prefix data set and validates its layout; the images
+// will be read from a local copy under the cache folder.
+absl::Status ListRemoteData(const std::string& url,
+                            const TrainerOptions& options,
+                            PreparedSpec* prepared) {
+  const std::string trimmed(absl::StripSuffix(url, "/"));
+  ASSIGN_OR_RETURN(std::unique_ptr<storage::ObjectStore> store,
+                   OpenStore(trimmed, options, "data set"));
+  auto objects = store->ListAll("");
+  if (!objects.ok()) {
+    return Annotate(objects.status(), "listing data set " + url);
+  }
+  const std::string local = absl::StrCat(CacheRoot(options), "/datasets/",
+                                         Sha256Hex(trimmed).substr(0, 16));
+  std::vector<std::string> names;
+  std::map<std::string, int64_t> sizes;
+  for (const storage::ObjectInfo& object : *objects) {
+    // Keys become local paths: only plain relative names are accepted.
+    if (!storage::ValidateKey(object.key).ok()) continue;
+    names.push_back(object.key);
+    sizes[object.key] = object.size;
+  }
+  auto dataset = DatasetFromListing(local, names);
+  if (!dataset.ok()) {
+    return Annotate(dataset.status(), "data set " + url);
+  }
+  prepared->dataset = *std::move(dataset);
+  for (const Split* split : {&prepared->dataset.train, &prepared->dataset.valid,
+                             &prepared->dataset.test}) {
+    for (const ImageEntry& image : split->images) {
+      const std::string key = image.path.substr(local.size() + 1);
+      std::error_code ec;
+      const int64_t have =
+          fs::exists(image.path, ec)
+              ? static_cast<int64_t>(fs::file_size(image.path, ec))
+              : -1;
+      if (have != sizes[key]) {
+        prepared->remote_files.push_back({key, image.path, sizes[key]});
+      }
+    }
+  }
+  prepared->data_store = std::move(store);
+  return absl::OkStatus();
+}
+
+// Downloads an s3://bucket/key backbone (and its .json sidecar when there is
+// one) into the cache folder; returns the local path.
+absl::StatusOr<std::string> FetchBackbone(const std::string& url,
+                                          const TrainerOptions& options) {
+  const std::string rest = url.substr(5);
+  const size_t slash = rest.find('/');
+  if (slash == std::string::npos || slash + 1 >= rest.size()) {
+    return absl::InvalidArgumentError(
+        "an s3:// backbone names an object: s3://BUCKET/KEY (got \"" + url +
+        "\")");
+  }
+  const std::string key = rest.substr(slash + 1);
+  RETURN_IF_ERROR(Annotate(storage::ValidateKey(key), "backbone " + url));
+  ASSIGN_OR_RETURN(
+      std::unique_ptr<storage::ObjectStore> store,
+      OpenStore("s3://" + rest.substr(0, slash), options, "backbone"));
+  const std::string path = absl::StrCat(CacheRoot(options), "/backbones/",
+                                        Sha256Hex(url).substr(0, 16), ".pt");
+  absl::Status got = Download(*store, key, path);
+  if (got.code() == absl::StatusCode::kNotFound) {
+    return absl::InvalidArgumentError("backbone " + url + " does not exist");
+  }
+  RETURN_IF_ERROR(Annotate(got, "downloading backbone " + url));
+  absl::Status sidecar = Download(*store, key + ".json", path + ".json");
+  if (!sidecar.ok()) {
+    std::error_code ec;
+    fs::remove(path + ".json", ec);
+  }
+  return path;
+}
+
 kennel::v1::JobEvent StartedEvent(const PreparedSpec& prepared,
                                   kennel::v1::Precision precision) {
   JobEvent event;
@@ -335,6 +450,7 @@ absl::StatusOr<kennel::v1::JobCompleted> RunFinetune(
         "head mode's backbone pass");
   }
   context.Emit(StartedEvent(prepared, precision));
+  RETURN_IF_ERROR(FetchData(prepared, context));
 
   torch::jit::Module module;
   try {
@@ -482,15 +598,14 @@ absl::StatusOr<PreparedSpec> PrepareSpec(const kennel::v1::JobSpec& spec,
         "holding train/, valid/ and test/");
   }
   if (absl::StartsWith(spec.data(), "s3://")) {
-    return absl::InvalidArgumentError(
-        "s3:// data sets are not supported by this kennel-trainer; copy the "
-        "data under its --data-root");
+    RETURN_IF_ERROR(ListRemoteData(spec.data(), options, &prepared));
+  } else {
+    ASSIGN_OR_RETURN(
+        std::string data_dir,
+        ResolveUnderRoot(options.data_root, spec.data(), "data set"));
+    ASSIGN_OR_RETURN(prepared.dataset,
+                     ScanImageFolder(data_dir, options.data_root));
   }
-  ASSIGN_OR_RETURN(
-      std::string data_dir,
-      ResolveUnderRoot(options.data_root, spec.data(), "data set"));
-  ASSIGN_OR_RETURN(prepared.dataset,
-                   ScanImageFolder(data_dir, options.data_root));
   prepared.dataset_uri = spec.data();
 
   if (spec.backbone().empty()) {
@@ -498,9 +613,14 @@ absl::StatusOr<PreparedSpec> PrepareSpec(const kennel::v1::JobSpec& spec,
         "no backbone given: name a TorchScript feature extractor under the "
         "trainer's --data-root (tools/export_backbone.py writes one)");
   }
-  ASSIGN_OR_RETURN(
-      std::string backbone_path,
-      ResolveUnderRoot(options.data_root, spec.backbone(), "backbone"));
+  std::string backbone_path;
+  if (absl::StartsWith(spec.backbone(), "s3://")) {
+    ASSIGN_OR_RETURN(backbone_path, FetchBackbone(spec.backbone(), options));
+  } else {
+    ASSIGN_OR_RETURN(
+        backbone_path,
+        ResolveUnderRoot(options.data_root, spec.backbone(), "backbone"));
+  }
   std::error_code ec;
   if (!fs::is_regular_file(backbone_path, ec)) {
     return absl::InvalidArgumentError(
@@ -515,11 +635,34 @@ absl::StatusOr<PreparedSpec> PrepareSpec(const kennel::v1::JobSpec& spec,
   return prepared;
 }
 
+absl::Status FetchData(const PreparedSpec& prepared, JobContext& context) {
+  if (prepared.remote_files.empty()) return absl::OkStatus();
+  ProgressReporter progress(context, "download",
+                            static_cast<int64_t>(prepared.remote_files.size()));
+  int64_t done = 0;
+  for (const PreparedSpec::RemoteFile& file : prepared.remote_files) {
+    if (context.cancelled()) {
+      return absl::CancelledError("cancelled while downloading the data set");
+    }
+    std::error_code ec;
+    if (!fs::exists(file.path, ec) ||
+        static_cast<int64_t>(fs::file_size(file.path, ec)) != file.size) {
+      RETURN_IF_ERROR(
+          Annotate(Download(*prepared.data_store, file.key, file.path),
+                   "downloading " + prepared.dataset_uri + "/" + file.key));
+    }
+    progress.Update(++done);
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Precision> ResolvePrecision(const PreparedSpec& prepared,
                                            JobContext& context) {
   if (prepared.precision != kennel::v1::PRECISION_AUTO) {
     return prepared.precision;
   }
+  // The comparison reads training images.
+  RETURN_IF_ERROR(FetchData(prepared, context));
   if (prepared.device.is_cuda() || !CpuHasBf16()) {
     return kennel::v1::PRECISION_FP32;
   }
@@ -572,6 +715,7 @@ absl::StatusOr<Extraction> ExtractFeatures(const PreparedSpec& prepared,
                                            const TrainerOptions& options,
                                            JobContext& context) {
   const auto start = Clock::now();
+  RETURN_IF_ERROR(FetchData(prepared, context));
   ASSIGN_OR_RETURN(auto extractor,
                    FeatureExtractor::Create(*prepared.backbone_module,
                                             precision, prepared.device));
@@ -661,10 +805,7 @@ absl::StatusOr<std::string> ExportAndRegister(
     const kennel::v1::Hyperparameters& hyperparameters,
     const kennel::v1::ModelMetrics& metrics, Precision precision,
     const std::string& dataset_fingerprint, JobContext& context, int trial) {
-  const std::string dir =
-      (options.cache_dir.empty() ? fs::temp_directory_path().string()
-                                 : options.cache_dir) +
-      "/models";
+  const std::string dir = CacheRoot(options) + "/models";
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) {

@@ -42,7 +42,21 @@ struct PreparedSpec {
   // The job's rules with their parameters; copy one per run or trial.
   RuleSet rules;
   BadImageBudget bad_images;
+  // A data set in an object store is read from a local copy under the cache
+  // folder; these are the files that copy still lacks (see FetchData).
+  struct RemoteFile {
+    std::string key;
+    std::string path;
+    int64_t size = 0;
+  };
+  std::vector<RemoteFile> remote_files;
+  std::shared_ptr<storage::ObjectStore> data_store;
 };
+
+// Downloads the files of an s3:// data set that the local copy lacks
+// (once: later jobs find them), emitting Progress events. Does nothing for
+// local data. ExtractFeatures and fine-tuning call it before reading images.
+absl::Status FetchData(const PreparedSpec& prepared, JobContext& context);
 
 // Validates everything in a JobSpec that does not depend on
 // hyperparameters: data set (under the data root; layout and classes),

@@ -16,7 +16,7 @@ add_library(kennel_trainer_core STATIC
 target_include_directories(kennel_trainer_core PUBLIC ${PROJECT_SOURCE_DIR})
 target_compile_options(kennel_trainer_core PRIVATE ${KENNEL_WARNINGS})
 target_link_libraries(kennel_trainer_core PUBLIC
-  kennel_common kennel_sha256 kennel_image kennel_registry_client)
+  kennel_common kennel_sha256 kennel_image kennel_registry_client kennel_storage)
 
 kennel_test(trainer_core_test
   SOURCES ${CMAKE_CURRENT_LIST_DIR}/dataset_test.cc

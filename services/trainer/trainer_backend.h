@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/storage/object_store.h"
 #include "kennel/v1/registry.pb.h"
 #include "kennel/v1/trainer.pb.h"
 #include "services/trainer/job_manager.h"
@@ -34,6 +35,9 @@ struct TrainerOptions {
   ModelPublisher* publisher = nullptr;
   // May be null.
   TrainerMetrics* metrics = nullptr;
+  // For s3:// data sets and backbones (endpoint, region, credentials from
+  // the usual AWS_* variables).
+  storage::S3Settings s3;
 };
 
 class TrainerBackend {
