@@ -303,64 +303,62 @@ def main():
         log("exporting ResNet50 (random weights) ...")
         export_resnet50(model)
 
-        for precision in ("fp32", "bf16"):
-            log(f"raw forward {precision} at batch sizes {batches} ...")
-            rows = raw_forward(args.build_dir, model, precision, batches,
-                               args.forward_seconds, args.threads)
-            report[f"forward_{precision}"] = rows
-            log("  " + ", ".join(f"b{r['batch']}: {r['images_per_second']:.1f}/s"
-                                 for r in rows))
-
+        # All three servers stay up and take turns, level by level, so that
+        # other work on the machine drifting in or out during the run skews
+        # them alike. An idle server waits on a condition variable (OpenMP
+        # threads sleep with the PASSIVE policy) and costs nothing.
+        servers = {}
+        inference = os.path.join(args.build_dir, "services", "inference", "kennel-inference")
+        specs = [
+            ("kennel_fp32", [inference, "--precision=fp32"]),
+            ("kennel_bf16", [inference, "--precision=bf16", "--bf16-min-agreement=0"]),
+            ("baseline", [sys.executable, os.path.join(HERE, "python_baseline_server.py"),
+                          f"--workers={args.baseline_workers}",
+                          f"--stubs={os.path.join(args.build_dir, 'python')}"]),
+        ]
         predictions = {}
-        for name, extra in (("kennel_fp32", ["--precision=fp32"]),
-                            ("kennel_bf16", ["--precision=bf16",
-                                             "--bf16-min-agreement=0"])):
-            port = free_port()
-            cmd = [os.path.join(args.build_dir, "services", "inference", "kennel-inference"),
-                   f"--model-path={model}", f"--listen=127.0.0.1:{port}",
-                   "--metrics-listen=off", f"--threads={args.threads}",
-                   f"--max-batch-size={args.max_batch_size}", "--max-queue=256",
-                   f"--warmup-dir={image_dir}", *extra]
-            log(f"{name}: starting ...")
-            server = Server(cmd, port, os.path.join(tmp, f"{name}.log"))
-            try:
-                server.wait_ready(stubs, images[0])
-                status = model_status(stubs, port)
-                report[f"{name}_status"] = {
-                    "precision": stubs.pb.ModelStatus.DESCRIPTOR.fields_by_name[
-                        "precision"].enum_type.values_by_number[status.precision].name,
-                    "bf16_agreement_at_load": status.bf16_agreement,
-                    "load_seconds": status.load_seconds}
-                predictions[name] = top1(stubs, port, images)
-                report[name] = []
-                for c in levels:
-                    row = load(stubs, port, images, c, args.warmup, args.seconds)
-                    report[name].append(row)
-                    log(f"  c={c}: {row['images_per_second']:.1f} img/s, "
-                        f"p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms "
-                        f"{row['errors'] or ''}")
-            finally:
-                server.stop()
-
-        port = free_port()
-        log("python baseline: starting ...")
-        server = Server([sys.executable, os.path.join(HERE, "python_baseline_server.py"),
-                         f"--model={model}", f"--port={port}",
-                         f"--workers={args.baseline_workers}",
-                         f"--stubs={os.path.join(args.build_dir, 'python')}"],
-                        port, os.path.join(tmp, "baseline.log"))
         try:
-            server.wait_ready(stubs, images[0])
-            predictions["baseline"] = top1(stubs, port, images)
-            report["baseline"] = []
+            for name, cmd in specs:
+                port = free_port()
+                if name == "baseline":
+                    cmd = cmd + [f"--model={model}", f"--port={port}"]
+                else:
+                    cmd = cmd + [f"--model-path={model}", f"--listen=127.0.0.1:{port}",
+                                 "--metrics-listen=off", f"--threads={args.threads}",
+                                 f"--max-batch-size={args.max_batch_size}",
+                                 "--max-queue=256", f"--warmup-dir={image_dir}"]
+                log(f"{name}: starting ...")
+                servers[name] = Server(cmd, port, os.path.join(tmp, f"{name}.log"))
+                servers[name].wait_ready(stubs, images[0])
+                predictions[name] = top1(stubs, port, images)
+                if name != "baseline":
+                    status = model_status(stubs, port)
+                    report[f"{name}_status"] = {
+                        "precision": stubs.pb.ModelStatus.DESCRIPTOR.fields_by_name[
+                            "precision"].enum_type.values_by_number[status.precision].name,
+                        "bf16_agreement_at_load": status.bf16_agreement,
+                        "load_seconds": status.load_seconds}
+            for precision in ("fp32", "bf16"):
+                log(f"raw forward {precision} at batch sizes {batches} ...")
+                rows = raw_forward(args.build_dir, model, precision, batches,
+                                   args.forward_seconds, args.threads)
+                report[f"forward_{precision}"] = rows
+                log("  " + ", ".join(f"b{r['batch']}: {r['images_per_second']:.1f}/s"
+                                     for r in rows))
+            for name, _ in specs:
+                report[name] = []
             for c in levels:
-                row = load(stubs, port, images, c, args.warmup, args.seconds)
-                report["baseline"].append(row)
-                log(f"  c={c}: {row['images_per_second']:.1f} img/s, "
-                    f"p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms "
-                    f"{row['errors'] or ''}")
+                for name, _ in specs:
+                    row = load(stubs, servers[name].port, images, c, args.warmup,
+                               args.seconds)
+                    row["loadavg"] = loadavg()
+                    report[name].append(row)
+                    log(f"  {name} c={c}: {row['images_per_second']:.1f} img/s, "
+                        f"p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms, "
+                        f"load {row['loadavg']:.1f} {row['errors'] or ''}")
         finally:
-            server.stop()
+            for server in servers.values():
+                server.stop()
 
         n = len(images)
         report["top1_agreement_bf16_vs_fp32"] = sum(

@@ -94,6 +94,27 @@ ClassifierService::ClassifierService(ModelManager* manager, Batcher* batcher,
       metrics_(metrics),
       options_(std::move(options)) {}
 
+// Holds one of the decode slots for its lifetime.
+class ClassifierService::DecodeSlot {
+ public:
+  explicit DecodeSlot(ClassifierService* service) : service_(service) {
+    absl::MutexLock lock(&service_->decode_mu_);
+    service_->decode_mu_.Await(absl::Condition(
+        +[](ClassifierService* s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s->decode_mu_) {
+          return s->decoding_ < s->options_.max_concurrent_decodes;
+        },
+        service_));
+    ++service_->decoding_;
+  }
+  ~DecodeSlot() {
+    absl::MutexLock lock(&service_->decode_mu_);
+    --service_->decoding_;
+  }
+
+ private:
+  ClassifierService* const service_;
+};
+
 absl::StatusOr<PreparedRequest> ClassifierService::Prepare(
     const kennel::v1::ClassifyRequest& request, absl::Time start) {
   PreparedRequest prepared;
@@ -157,8 +178,12 @@ absl::StatusOr<PreparedRequest> ClassifierService::Prepare(
   image::DecodeLimits limits;
   limits.max_bytes = options_.max_image_bytes;
   limits.max_pixels = options_.max_pixels;
-  const absl::Status decoded = image::DecodeAndPreprocess(
-      bytes, model.preprocessing, limits, prepared.input.data());
+  absl::Status decoded;
+  {
+    DecodeSlot slot(this);
+    decoded = image::DecodeAndPreprocess(bytes, model.preprocessing, limits,
+                                         prepared.input.data());
+  }
   prepared.decode_time = absl::Now() - start;
   if (metrics_ != nullptr) {
     metrics_->decode_seconds.Observe(

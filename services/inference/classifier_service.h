@@ -29,6 +29,10 @@ struct ServiceOptions {
   // Requests of one ClassifyStream that may be queued or running at once;
   // the stream stops reading beyond it (backpressure).
   int max_stream_in_flight = 32;
+  // Images decoded at once. More than the cores only adds switching and
+  // memory (a 12-megapixel JPEG decodes into 36 MB) and starves the forward
+  // pass; requests beyond it wait their turn.
+  int max_concurrent_decodes = 2;
 };
 
 // A request that passed every check, decoded and ready for the batcher.
@@ -78,12 +82,16 @@ class ClassifierService final : public kennel::v1::Classifier::Service {
 
  private:
   struct StreamState;
+  class DecodeSlot;
 
   // Constant after construction.
   ModelManager* const manager_;
   Batcher* const batcher_;
   InferenceMetrics* const metrics_;
   const ServiceOptions options_;
+
+  absl::Mutex decode_mu_;
+  int decoding_ ABSL_GUARDED_BY(decode_mu_) = 0;
 
   absl::Mutex mu_;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;

@@ -267,6 +267,7 @@ int main(int argc, char** argv) {
   service_options.source = model_path.empty() ? ref : model_path;
   service_options.max_image_bytes = absl::GetFlag(FLAGS_max_image_bytes);
   service_options.max_pixels = absl::GetFlag(FLAGS_max_pixels);
+  service_options.max_concurrent_decodes = kennel::ThreadsFromFlags();
   inf::ClassifierService service(&manager, &batcher, &metrics, service_options);
   server.AddService(&service, "kennel.v1.Classifier");
   server.OnDrain([&service] { service.BeginDrain(); });
