@@ -30,6 +30,9 @@ ABSL_FLAG(double, max_bad_image_share, 0,
           "cannot be read (default 0.01).");
 ABSL_FLAG(std::string, description, "",
           "train: free text stored with the job and the model.");
+ABSL_FLAG(double, unaugmented_share, 0,
+          "train: fine-tune mode, share of training images used without "
+          "augmentation in each epoch, in [0, 1) (default 0: all augmented).");
 ABSL_FLAG(bool, detach, false,
           "train: print the job id and return once the job is accepted; "
           "follow it later with `kennel jobs watch`.");
@@ -321,6 +324,7 @@ absl::StatusOr<kennel::v1::TrainRequest> RequestFromFlags() {
   h->set_batch_size(static_cast<int>(*batch));
   h->set_epochs(static_cast<int>(*epochs));
   h->set_seed(absl::GetFlag(FLAGS_seed));
+  h->set_unaugmented_share(absl::GetFlag(FLAGS_unaugmented_share));
   return request;
 }
 
@@ -536,7 +540,9 @@ KENNEL_CLI_COMMAND(
      "frozen backbone,\ncomputed once and cached; finetune trains every "
      "parameter, with augmentation.\nLosses are per-sample mean "
      "cross-entropy. Defaults: --lr 0.001, --weight-decay 0,\n--batch-size "
-     "64, --epochs 5, --seed 0.\n\n"
+     "64, --epochs 5, --seed 0. Fine-tuning augments every training image "
+     "(random\nresized crop and flip) unless --unaugmented-share keeps a "
+     "share of them whole\n(useful for small images such as 28x28).\n\n"
      "Rules (all on, warning, by default): loss_not_decreasing "
      "(num_steps=5 epochs,\ndiff_percent=0.1), vanishing_gradient "
      "(threshold=1e-7), overfit (patience=3),\nlow_utilization "

@@ -24,6 +24,7 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
 }
 
 constexpr uint64_t kAugmentStream = 3;
+constexpr uint64_t kPlainStream = 4;
 
 // Decodes (and augments, when `rng_seed` is set) one image file.
 ItemResult PrepareImage(const std::string& path,
@@ -188,10 +189,15 @@ absl::StatusOr<FinetuneResult> Finetune(torch::jit::Module backbone,
     std::vector<int64_t> order = HeadTrainer::EpochOrder(n, hyper.seed, epoch);
     BatchLoader loader(
         std::move(order), options, [&](int64_t item, float* pixels) {
-          const uint64_t seed = MixSeed(hyper.seed, kAugmentStream,
-                                        uint64_t(epoch) << 32 | uint64_t(item));
+          const uint64_t key = uint64_t(epoch) << 32 | uint64_t(item);
+          const uint64_t seed = MixSeed(hyper.seed, kAugmentStream, key);
+          const bool plain =
+              hyper.unaugmented_share > 0 &&
+              (MixSeed(hyper.seed, kPlainStream, key) >> 11) * 0x1.0p-53 <
+                  hyper.unaugmented_share;
           return PrepareImage(dataset.train.images[item].path,
-                              spec.preprocessing, &seed, pixels);
+                              spec.preprocessing, plain ? nullptr : &seed,
+                              pixels);
         });
     EpochStats stats;
     stats.epoch = epoch;

@@ -46,6 +46,8 @@ struct HeadConfig {
   int batch_size = 64;
   int epochs = 5;
   uint64_t seed = 0;
+  // Fine-tuning only: share of images not augmented (see Hyperparameters).
+  double unaugmented_share = 0;
 };
 
 struct EpochStats {

@@ -533,6 +533,11 @@ std::string DeviceName(const torch::Device& device) {
 
 absl::Status ValidateHyperparameters(const kennel::v1::Hyperparameters& h) {
   RETURN_IF_ERROR(ValidateHeadConfig(HeadConfigFrom(h)));
+  if (!(h.unaugmented_share() >= 0 && h.unaugmented_share() < 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unaugmented_share must be in [0, 1) (got ",
+                     h.unaugmented_share(), ")"));
+  }
   if (!kennel::v1::TrainMode_IsValid(h.mode())) {
     return absl::InvalidArgumentError("mode must be head or finetune");
   }
@@ -546,6 +551,7 @@ HeadConfig HeadConfigFrom(const kennel::v1::Hyperparameters& h) {
   c.batch_size = h.batch_size();
   c.epochs = h.epochs();
   c.seed = h.seed();
+  c.unaugmented_share = h.unaugmented_share();
   return c;
 }
 
