@@ -229,6 +229,31 @@ print(json.dumps({"labels": labels, "accuracy": acc}))
         self.assertEqual(cli.returncode, 1)
         self.assertIn("INVALID_ARGUMENT", cli.stderr)
 
+    def test_unreadable_images_are_skipped_and_counted(self):
+        import shutil
+        for name, bad in (("fm_bad1", 1), ("fm_bad5", 5)):
+            target = os.path.join(self.root, name)
+            if not os.path.exists(target):
+                shutil.copytree(os.path.join(self.root, "fm"), target)
+                folder = os.path.join(target, "train", "003.Dress")
+                for file in sorted(os.listdir(folder))[:bad]:
+                    with open(os.path.join(folder, file), "wb") as f:
+                        f.write(b"\x89PNG\r\n\x1a\n truncated, not an image")
+        # 1 of 100 is within the default share (0.01): skipped and reported.
+        events = tf.train(self.stub, tf.train_request(data="fm_bad1", epochs=1))
+        self.assertTrue(events[-1].HasField("completed"), events[-1])
+        logs = [e.log for e in events if e.HasField("log")]
+        self.assertTrue(any("skipped 1 unreadable image(s) in train/" in l for l in logs), logs)
+        # 5 of 100 is more: the job fails and says why.
+        events = tf.train(self.stub, tf.train_request(data="fm_bad5", epochs=1))
+        self.assertTrue(events[-1].HasField("failed"), events[-1])
+        self.assertEqual(events[-1].failed.code, grpc.StatusCode.FAILED_PRECONDITION.value[0])
+        self.assertIn("5 of 100 images in train/ could not be read", events[-1].failed.message)
+        # The share is the job's to set.
+        request = tf.train_request(data="fm_bad5", epochs=1)
+        request.spec.max_bad_image_share = 0.1
+        self.assertTrue(tf.train(self.stub, request)[-1].HasField("completed"))
+
     def test_metrics_follow_jobs(self):
         events = tf.train(self.stub, tf.train_request(epochs=2))
         job = events[0].job_id
