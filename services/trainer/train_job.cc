@@ -106,13 +106,31 @@ class ProgressReporter {
   Clock::time_point last_;
 };
 
-absl::StatusOr<SplitFeatures> ExtractSplit(const Split& split,
-                                           const PreparedSpec& prepared,
-                                           FeatureExtractor& extractor,
-                                           FeatureCache& cache,
-                                           const FeatureKeyContext& key_context,
-                                           const TrainerOptions& options,
-                                           JobContext& context) {
+// Builds the extractor on first use, so a pass that finds every feature in
+// the cache never pays for copying and freezing the backbone.
+class LazyExtractor {
+ public:
+  LazyExtractor(const PreparedSpec& prepared, Precision precision)
+      : prepared_(prepared), precision_(precision) {}
+  absl::StatusOr<FeatureExtractor*> Get() {
+    if (!extractor_) {
+      ASSIGN_OR_RETURN(extractor_,
+                       FeatureExtractor::Create(*prepared_.backbone_module,
+                                                precision_, prepared_.device));
+    }
+    return extractor_.get();
+  }
+
+ private:
+  const PreparedSpec& prepared_;
+  const Precision precision_;
+  std::unique_ptr<FeatureExtractor> extractor_;
+};
+
+absl::StatusOr<SplitFeatures> ExtractSplit(
+    const Split& split, const PreparedSpec& prepared, LazyExtractor& extractor,
+    FeatureCache& cache, const FeatureKeyContext& key_context,
+    const TrainerOptions& options, JobContext& context) {
   SplitFeatures out;
   const int64_t n = static_cast<int64_t>(split.images.size());
   const int dim = prepared.backbone.feature_dim;
@@ -160,8 +178,9 @@ absl::StatusOr<SplitFeatures> ExtractSplit(const Split& split,
     }
     const int64_t m = static_cast<int64_t>(batch.pixel_items.size());
     if (m > 0) {
+      ASSIGN_OR_RETURN(FeatureExtractor * model, extractor.Get());
       ASSIGN_OR_RETURN(torch::Tensor computed,
-                       extractor.Run(batch.pixels.data(), m, size));
+                       model->Run(batch.pixels.data(), m, size));
       const float* data = computed.data_ptr<float>();
       for (int64_t j = 0; j < m; ++j) {
         const int64_t item = batch.pixel_items[j];
@@ -722,9 +741,7 @@ absl::StatusOr<Extraction> ExtractFeatures(const PreparedSpec& prepared,
                                            JobContext& context) {
   const auto start = Clock::now();
   RETURN_IF_ERROR(FetchData(prepared, context));
-  ASSIGN_OR_RETURN(auto extractor,
-                   FeatureExtractor::Create(*prepared.backbone_module,
-                                            precision, prepared.device));
+  LazyExtractor extractor(prepared, precision);
   FeatureCache cache(
       options.cache_dir.empty() ? "" : options.cache_dir + "/features");
   FeatureKeyContext key_context;
@@ -750,7 +767,7 @@ absl::StatusOr<Extraction> ExtractFeatures(const PreparedSpec& prepared,
   for (const Target& target : targets) {
     const int64_t hits_before = cache.hits(), misses_before = cache.misses();
     ASSIGN_OR_RETURN(SplitFeatures split,
-                     ExtractSplit(*target.split, prepared, *extractor, cache,
+                     ExtractSplit(*target.split, prepared, extractor, cache,
                                   key_context, options, context));
     if (options.metrics) {
       options.metrics->AddFeatureCacheHits(cache.hits() - hits_before);
