@@ -18,11 +18,15 @@ Batcher::Batcher(Options options, InferenceMetrics* metrics)
 
 Batcher::~Batcher() { Shutdown(); }
 
-absl::Status Batcher::Submit(BatchItem item) {
+absl::Status Batcher::Submit(BatchItem item, Arrival* arrival) {
   if (item.model == nullptr || item.model->model == nullptr) {
     return absl::InternalError("batch item without a model");
   }
   absl::MutexLock lock(&mu_);
+  if (arrival != nullptr && !arrival->ended_) {
+    arrival->ended_ = true;
+    --arriving_;
+  }
   if (stopping_) {
     return absl::UnavailableError("the server is shutting down");
   }
@@ -41,7 +45,7 @@ absl::Status Batcher::Submit(BatchItem item) {
 
 absl::StatusOr<BatchOutput> Batcher::Run(
     std::shared_ptr<const LoadedModel> model, std::vector<float> input,
-    absl::Time deadline) {
+    absl::Time deadline, Arrival* arrival) {
   absl::Notification finished;
   absl::StatusOr<BatchOutput> result;
   BatchItem item;
@@ -52,7 +56,7 @@ absl::StatusOr<BatchOutput> Batcher::Run(
     result = std::move(output);
     finished.Notify();
   };
-  if (absl::Status s = Submit(std::move(item)); !s.ok()) return s;
+  if (absl::Status s = Submit(std::move(item), arrival); !s.ok()) return s;
   finished.WaitForNotification();
   return result;
 }
@@ -64,6 +68,16 @@ void Batcher::Shutdown() {
     stopping_ = true;
   }
   if (worker_.joinable()) worker_.join();
+}
+
+Batcher::Arrival::Arrival(Batcher* batcher) : batcher_(batcher) {
+  absl::MutexLock lock(&batcher_->mu_);
+  ++batcher_->arriving_;
+}
+
+Batcher::Arrival::~Arrival() {
+  absl::MutexLock lock(&batcher_->mu_);
+  if (!ended_) --batcher_->arriving_;
 }
 
 int Batcher::queue_depth() const {
@@ -101,7 +115,9 @@ void Batcher::WorkerLoop() {
       mu_.AwaitWithDeadline(
           absl::Condition(
               +[](Batcher* b) ABSL_EXCLUSIVE_LOCKS_REQUIRED(b->mu_) {
-                return b->stopping_ ||
+                // Nothing is on its way (no request between its first
+                // check and Submit): waiting could not grow the batch.
+                return b->stopping_ || b->arriving_ == 0 ||
                        b->BatchableLocked() >= b->options_.max_batch_size;
               },
               this),

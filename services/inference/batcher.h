@@ -65,14 +65,37 @@ class Batcher {
   Batcher(const Batcher&) = delete;
   Batcher& operator=(const Batcher&) = delete;
 
+  class Arrival;
+
   // Queues a request. On RESOURCE_EXHAUSTED (queue full) or UNAVAILABLE
-  // (shutting down) `done` is not called and the caller answers.
-  absl::Status Submit(BatchItem item);
+  // (shutting down) `done` is not called and the caller answers. The
+  // request's Arrival, if any, ends here (in the same step as the request
+  // joins the queue).
+  absl::Status Submit(BatchItem item, Arrival* arrival = nullptr);
 
   // Submit and wait for the answer.
   absl::StatusOr<BatchOutput> Run(std::shared_ptr<const LoadedModel> model,
-                                  std::vector<float> input,
-                                  absl::Time deadline);
+                                  std::vector<float> input, absl::Time deadline,
+                                  Arrival* arrival = nullptr);
+
+  // Announces a request that is being checked and decoded and will be
+  // submitted (or fail) before the Arrival ends. The worker waits up to
+  // max_queue_delay for more requests only while some are announced; with
+  // none on the way it runs the batch it has at once, so a lone request
+  // never waits for company.
+  class Arrival {
+   public:
+    explicit Arrival(Batcher* batcher);
+    ~Arrival();
+    Arrival(const Arrival&) = delete;
+    Arrival& operator=(const Arrival&) = delete;
+
+   private:
+    friend class Batcher;
+    Batcher* const batcher_;
+    // Set under the batcher's mutex when Submit ends the arrival.
+    bool ended_ = false;
+  };
 
   // Stops accepting, runs everything already queued, and joins the worker.
   // Idempotent.
@@ -93,6 +116,8 @@ class Batcher {
   mutable absl::Mutex mu_;
   std::deque<BatchItem> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  // Live Arrival objects.
+  int arriving_ ABSL_GUARDED_BY(mu_) = 0;
 
   absl::Mutex shutdown_mu_;
   std::thread worker_;

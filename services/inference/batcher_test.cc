@@ -69,6 +69,8 @@ TEST(BatcherTest, FormsBatchesUpToTheMaximumSize) {
   options.max_queue_delay = absl::Seconds(2);
   Batcher batcher(options, nullptr);
   Results results;
+  // A ninth request is on its way, so the worker has reason to wait.
+  Batcher::Arrival ninth(&batcher);
   const absl::Time start = absl::Now();
   for (int i = 0; i < 8; ++i) {
     ASSERT_TRUE(batcher.Submit(results.Item(model, i)).ok());
@@ -86,6 +88,8 @@ TEST(BatcherTest, WaitsAtMostTheQueueDelayForABatchToFill) {
   options.max_batch_size = 8;
   options.max_queue_delay = absl::Milliseconds(100);
   Batcher batcher(options, nullptr);
+  // Another request is being decoded but never arrives.
+  Batcher::Arrival straggler(&batcher);
   const absl::Time start = absl::Now();
   auto out = batcher.Run(MakeModel(b), Input(1), absl::InfiniteFuture());
   const absl::Duration took = absl::Now() - start;
@@ -94,6 +98,22 @@ TEST(BatcherTest, WaitsAtMostTheQueueDelayForABatchToFill) {
   EXPECT_GE(took, absl::Milliseconds(95));
   EXPECT_LT(took, absl::Seconds(2));
   EXPECT_GE(out->queue_time, absl::Milliseconds(95));
+}
+
+TEST(BatcherTest, LoneRequestDoesNotWaitForCompany) {
+  auto b = std::make_shared<FakeBehaviour>();
+  Batcher::Options options;
+  options.max_batch_size = 8;
+  options.max_queue_delay = absl::Seconds(5);
+  Batcher batcher(options, nullptr);
+  // Its own arrival ends as it joins the queue: nothing else is coming.
+  Batcher::Arrival arrival(&batcher);
+  const absl::Time start = absl::Now();
+  auto out =
+      batcher.Run(MakeModel(b), Input(1), absl::InfiniteFuture(), &arrival);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(2));
+  EXPECT_LT(out->queue_time, absl::Seconds(2));
 }
 
 TEST(BatcherTest, EachRequestGetsItsOwnRow) {

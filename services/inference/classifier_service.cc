@@ -223,10 +223,12 @@ grpc::Status ClassifierService::Classify(
     grpc::ServerContext* context, const kennel::v1::ClassifyRequest* request,
     kennel::v1::ClassifyResponse* response) {
   const absl::Time start = absl::Now();
+  Batcher::Arrival arrival(batcher_);
   absl::StatusOr<PreparedRequest> prepared = Prepare(*request, start);
   if (!prepared.ok()) return ToGrpcStatus(prepared.status());
-  absl::StatusOr<BatchOutput> output = batcher_->Run(
-      prepared->model, std::move(prepared->input), DeadlineOf(*context));
+  absl::StatusOr<BatchOutput> output =
+      batcher_->Run(prepared->model, std::move(prepared->input),
+                    DeadlineOf(*context), &arrival);
   if (!output.ok()) return ToGrpcStatus(output.status());
   Answer(*prepared, *output, response);
   return grpc::Status::OK;
@@ -322,6 +324,7 @@ grpc::Status ClassifierService::ClassifyStream(
           absl::UnavailableError("the server is shutting down")));
       continue;
     }
+    Batcher::Arrival arrival(batcher_);
     absl::StatusOr<PreparedRequest> prepared = Prepare(request, absl::Now());
     if (!prepared.ok()) {
       state.Push(error_response(request.request_id(), prepared.status()));
@@ -349,7 +352,7 @@ grpc::Status ClassifierService::ClassifyStream(
       absl::MutexLock lock(&state.mu);
       ++state.in_flight;
     }
-    if (absl::Status s = batcher_->Submit(std::move(item)); !s.ok()) {
+    if (absl::Status s = batcher_->Submit(std::move(item), &arrival); !s.ok()) {
       absl::MutexLock lock(&state.mu);
       --state.in_flight;
       state.outbox.push_back(error_response(request.request_id(), s));
