@@ -85,12 +85,20 @@ int Batcher::queue_depth() const {
   return static_cast<int>(queue_.size());
 }
 
+int Batcher::BatchCapLocked() const {
+  if (queue_.empty()) return options_.max_batch_size;
+  const int model_cap = queue_.front().model->max_batch_size;
+  return model_cap > 0 ? std::min(model_cap, options_.max_batch_size)
+                       : options_.max_batch_size;
+}
+
 int Batcher::BatchableLocked() const {
   if (queue_.empty()) return 0;
   const LoadedModel* model = queue_.front().model.get();
+  const int cap = BatchCapLocked();
   int n = 0;
   for (const BatchItem& item : queue_) {
-    if (n >= options_.max_batch_size || item.model.get() != model) break;
+    if (n >= cap || item.model.get() != model) break;
     ++n;
   }
   return n;
@@ -118,7 +126,7 @@ void Batcher::WorkerLoop() {
                 // Nothing is on its way (no request between its first
                 // check and Submit): waiting could not grow the batch.
                 return b->stopping_ || b->arriving_ == 0 ||
-                       b->BatchableLocked() >= b->options_.max_batch_size;
+                       b->BatchableLocked() >= b->BatchCapLocked();
               },
               this),
           flush_at);

@@ -105,6 +105,8 @@ class Batcher {
 
  private:
   void WorkerLoop();
+  // Largest batch for the model at the head of the queue.
+  int BatchCapLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Requests at the head of the queue that can share a batch with the first.
   int BatchableLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RunBatch(std::vector<BatchItem> batch);

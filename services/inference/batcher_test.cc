@@ -82,6 +82,24 @@ TEST(BatcherTest, FormsBatchesUpToTheMaximumSize) {
   EXPECT_EQ(b->batch_sizes, (std::vector<int>{4, 4}));
 }
 
+TEST(BatcherTest, TheModelsOwnCapLimitsItsBatches) {
+  auto b = std::make_shared<FakeBehaviour>();
+  auto capped = std::make_shared<LoadedModel>(*MakeModel(b));
+  capped->max_batch_size = 3;
+  Batcher::Options options;
+  options.max_batch_size = 8;
+  options.max_queue_delay = absl::Seconds(2);
+  Batcher batcher(options, nullptr);
+  Results results;
+  Batcher::Arrival more(&batcher);
+  for (int i = 0; i < 6; ++i) {
+    ASSERT_TRUE(batcher.Submit(results.Item(capped, i)).ok());
+  }
+  results.WaitFor(6);
+  absl::MutexLock lock(&b->mu);
+  EXPECT_EQ(b->batch_sizes, (std::vector<int>{3, 3}));
+}
+
 TEST(BatcherTest, WaitsAtMostTheQueueDelayForABatchToFill) {
   auto b = std::make_shared<FakeBehaviour>();
   Batcher::Options options;

@@ -4,6 +4,7 @@
 #define KENNEL_SERVICES_INFERENCE_FAKE_MODEL_H_
 
 #include <atomic>
+#include <functional>
 #include <map>
 #include <memory>
 #include <numeric>
@@ -13,6 +14,7 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "services/inference/model.h"
 
 namespace kennel::inference::testing {
@@ -28,6 +30,8 @@ struct FakeBehaviour {
   bool bf16_available = true;
   // Forward fails with this status when set.
   absl::Status forward_error;
+  // When set, Forward sleeps this long for a batch of the given size.
+  std::function<absl::Duration(int)> cost;
   // When set, Forward waits for it (after announcing `entered`).
   absl::Notification* gate = nullptr;
   absl::Notification* entered = nullptr;
@@ -50,6 +54,7 @@ class FakeModel : public Model {
       b_->entered->Notify();
     }
     if (b_->gate != nullptr) b_->gate->WaitForNotification();
+    if (b_->cost) absl::SleepFor(b_->cost(batch));
     {
       absl::MutexLock lock(&b_->mu);
       b_->batch_sizes.push_back(batch);

@@ -71,6 +71,9 @@ struct LoadedModel {
   // Share of the warm-up images on which bf16 and fp32 agreed; 0 when bf16
   // was not tried.
   double bf16_agreement = 0;
+  // Largest batch worth forming for this model, as timed at load; 0 means
+  // the batcher's maximum.
+  int max_batch_size = 0;
   // Aliases that pointed at this version when it was read.
   std::vector<std::string> aliases;
 

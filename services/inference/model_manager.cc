@@ -16,6 +16,11 @@
 namespace kennel::inference {
 namespace {
 
+// Timed forward passes per batch size when tuning, and how much faster per
+// image a larger batch must be to raise the cap.
+constexpr int kTimedPasses = 2;
+constexpr double kBatchGain = 1.05;
+
 std::string Describe(const ModelCandidate& c) {
   if (c.version > 0) return absl::StrCat(c.name, ":", c.version);
   return c.path;
@@ -250,8 +255,19 @@ absl::StatusOr<std::shared_ptr<LoadedModel>> ModelManager::Prepare(
   }
   if (serving != fp32) fp32.reset();  // free the fp32 copy now
 
-  // Warm-up: the first pass at each batch size selects kernels.
-  for (int batch : options_.warmup_batch_sizes) {
+  // Warm-up: the first pass at each batch size selects kernels. With
+  // tuning, every power of two up to the batcher's maximum is also timed,
+  // and the largest batch is capped where bigger stops paying: on a small
+  // machine a larger fp32 batch can be slower per image (its activations
+  // leave the cache), which a fixed maximum cannot know.
+  std::vector<int> sizes = options_.warmup_batch_sizes;
+  if (options_.tune_batch_size) {
+    sizes.clear();
+    for (int b = 1; b < options_.max_batch_size; b *= 2) sizes.push_back(b);
+    sizes.push_back(options_.max_batch_size);
+  }
+  double best_rate = 0;
+  for (int batch : sizes) {
     if (batch <= 0) continue;
     std::vector<float> tiled(static_cast<size_t>(batch) * 3 * size * size);
     for (int i = 0; i < batch; ++i) {
@@ -259,12 +275,29 @@ absl::StatusOr<std::shared_ptr<LoadedModel>> ModelManager::Prepare(
       std::copy_n(inputs.begin() + per_image * (i % count), per_image,
                   tiled.begin() + per_image * i);
     }
-    ASSIGN_OR_RETURN(std::vector<float> out,
-                     serving->Forward(tiled.data(), batch, size));
-    if (out.size() != classes * batch) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("the model's output width changes with the batch size (",
-                       out.size() / batch, " at batch ", batch, ")"));
+    const int passes = options_.tune_batch_size ? 1 + kTimedPasses : 1;
+    absl::Time timed_from;
+    for (int pass = 0; pass < passes; ++pass) {
+      if (pass == 1) timed_from = absl::Now();
+      ASSIGN_OR_RETURN(std::vector<float> out,
+                       serving->Forward(tiled.data(), batch, size));
+      if (out.size() != classes * batch) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "the model's output width changes with the batch size (",
+            out.size() / batch, " at batch ", batch, ")"));
+      }
+    }
+    if (options_.tune_batch_size) {
+      const double seconds =
+          std::max(absl::ToDoubleSeconds(absl::Now() - timed_from), 1e-9);
+      const double rate = kTimedPasses * batch / seconds;
+      LOG(INFO) << Describe(candidate) << ": batch " << batch << " runs at "
+                << rate << " images/s";
+      // A larger batch must be clearly faster: it also costs latency.
+      if (rate > best_rate * kBatchGain) {
+        best_rate = rate;
+        loaded->max_batch_size = batch;
+      }
     }
   }
   loaded->model = std::move(serving);
@@ -287,8 +320,10 @@ void ModelManager::Publish(std::shared_ptr<const LoadedModel> model) {
   const std::string precision = PrecisionLabel(model->precision);
   LOG(INFO) << "serving " << model->name << ":" << model->version << " ("
             << model->digest << ", " << precision << ", "
-            << model->labels.size() << " classes) after " << model->load_seconds
-            << " s"
+            << model->labels.size() << " classes, batches up to "
+            << (model->max_batch_size > 0 ? absl::StrCat(model->max_batch_size)
+                                          : std::string("the maximum"))
+            << ") after " << model->load_seconds << " s"
             << (old ? absl::StrCat("; replaced ", old->name, ":", old->version,
                                    ", which finishes its requests in flight")
                     : std::string());

@@ -57,6 +57,11 @@ struct ManagerOptions {
   // Batch sizes the warm-up runs, so the first requests do not pay for
   // kernel selection; the batcher's maximum belongs here.
   std::vector<int> warmup_batch_sizes = {1, 8};
+  // Instead: warm up and time every power of two up to max_batch_size, and
+  // cap this model's batches at the fastest per image
+  // (LoadedModel::max_batch_size).
+  bool tune_batch_size = false;
+  int max_batch_size = 8;
 };
 
 // What GetModelStatus reports, without the gRPC types.

@@ -4,6 +4,7 @@
 #include <prometheus/registry.h>
 #include <stdlib.h>
 
+#include <algorithm>
 #include <fstream>
 
 #include "common/sha256.h"
@@ -224,6 +225,33 @@ TEST_F(ModelManagerTest, PrecisionFollowsFlagsCpuAndManifest) {
         manager.Load(Candidate(3, std::make_shared<FakeBehaviour>())).ok());
     EXPECT_EQ(manager.Current()->precision, kennel::v1::PRECISION_FP32);
   }
+}
+
+TEST_F(ModelManagerTest, TuningCapsBatchesWhereLargerStopsPaying) {
+  auto b = std::make_shared<FakeBehaviour>();
+  b->cost = [](int batch) {
+    return batch <= 4 ? absl::Milliseconds(10) : absl::Milliseconds(300);
+  };
+  ManagerOptions options = Options();
+  options.tune_batch_size = true;
+  options.max_batch_size = 8;
+  ModelManager manager(&loader_, options, &metrics_);
+  ASSERT_TRUE(manager.Load(Candidate(1, b)).ok());
+  EXPECT_EQ(manager.Current()->max_batch_size, 4);
+  absl::MutexLock lock(&b->mu);
+  // Every power of two up to the maximum ran (once untimed, twice timed).
+  EXPECT_EQ(std::count(b->batch_sizes.begin(), b->batch_sizes.end(), 8), 3);
+}
+
+TEST_F(ModelManagerTest, TuningKeepsTheMaximumWhenBiggerBatchesPay) {
+  auto b = std::make_shared<FakeBehaviour>();
+  b->cost = [](int) { return absl::Milliseconds(20); };
+  ManagerOptions options = Options();
+  options.tune_batch_size = true;
+  options.max_batch_size = 6;
+  ModelManager manager(&loader_, options, &metrics_);
+  ASSERT_TRUE(manager.Load(Candidate(1, b)).ok());
+  EXPECT_EQ(manager.Current()->max_batch_size, 6);
 }
 
 TEST_F(ModelManagerTest, ModelInfoGaugeNamesOnlyTheServingVersion) {

@@ -86,7 +86,7 @@ class LocalModelTest(unittest.TestCase):
             cls.tmp, f"--model-path={cls.model_path}",
             f"--labels={cls.labels_path}", "--precision=fp32",
             "--max-image-bytes=2000000", "--max-pixels=4000000",
-            "--max-batch-size=4")
+            "--max-batch-size=4", "--tune-batch-size=false")
         cls.status = wait_ready(cls.server)
         cls.stub = pb_grpc.ClassifierStub(kt.channel(cls.server.addr))
 
