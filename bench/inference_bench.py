@@ -19,6 +19,7 @@ import argparse
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -268,7 +269,7 @@ def main():
     p.add_argument("--images", type=int, default=32)
     p.add_argument("--forward-seconds", type=float, default=8)
     p.add_argument("--batches", default="1,2,4,8,16")
-    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--baseline-workers", type=int, default=8)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--omp-wait-policy", default="PASSIVE",
@@ -338,6 +339,9 @@ def main():
                             "precision"].enum_type.values_by_number[status.precision].name,
                         "bf16_agreement_at_load": status.bf16_agreement,
                         "load_seconds": status.load_seconds}
+                    with open(os.path.join(tmp, f"{name}.log")) as f:
+                        cap = re.search(r"batches up to (\d+)", f.read())
+                    report[f"{name}_status"]["batch_cap"] = int(cap.group(1)) if cap else None
             for precision in ("fp32", "bf16"):
                 log(f"raw forward {precision} at batch sizes {batches} ...")
                 rows = raw_forward(args.build_dir, model, precision, batches,
@@ -403,6 +407,9 @@ def print_report(r):
     for precision in ("fp32", "bf16"):
         raw = best(r[f"forward_{precision}"])
         served = best(r[f"kennel_{precision}"])
+        cap = r.get(f"kennel_{precision}_status", {}).get("batch_cap")
+        print(f"kennel {precision}: batches capped at {cap} by the timing at load "
+              f"(load took {r[f'kennel_{precision}_status']['load_seconds']:.0f} s)")
         print(f"raw forward {precision}: best {raw['images_per_second']:.1f} img/s at batch "
               f"{raw['batch']}; served best {served['images_per_second']:.1f} img/s "
               f"(c={served['concurrency']}) = {served['images_per_second'] / raw['images_per_second']:.2f} "
