@@ -30,6 +30,9 @@ class FileStore : public ObjectStore {
       const std::string& key, const WriteOptions& options) override;
   absl::Status Read(const std::string& key, int64_t offset, int64_t length,
                     const ByteSink& sink) override;
+  absl::Status ReadPieces(const std::string& key, int64_t offset,
+                          int64_t length, int64_t piece_bytes,
+                          const PieceSink& sink) override;
   absl::StatusOr<ObjectInfo> Stat(const std::string& key) override;
   absl::StatusOr<ListResult> List(const ListOptions& options) override;
   absl::Status Delete(const std::string& key) override;

@@ -1,5 +1,7 @@
 #include "common/storage/object_store.h"
 
+#include <algorithm>
+
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -43,6 +45,32 @@ absl::StatusOr<std::string> ObjectStore::ReadAll(const std::string& key) {
     return absl::OkStatus();
   }));
   return out;
+}
+
+absl::Status ObjectStore::ReadPieces(const std::string& key, int64_t offset,
+                                     int64_t length, int64_t piece_bytes,
+                                     const PieceSink& sink) {
+  if (piece_bytes <= 0) {
+    return absl::InvalidArgumentError("pieces must have at least one byte");
+  }
+  const size_t piece_size = static_cast<size_t>(piece_bytes);
+  std::string piece;
+  piece.reserve(piece_size);
+  RETURN_IF_ERROR(Read(key, offset, length, [&](absl::string_view data) {
+    while (!data.empty()) {
+      const size_t n = std::min(piece_size - piece.size(), data.size());
+      piece.append(data.data(), n);
+      data.remove_prefix(n);
+      if (piece.size() == piece_size) {
+        RETURN_IF_ERROR(sink(&piece));
+        piece.clear();
+        if (piece.capacity() < piece_size) piece.reserve(piece_size);
+      }
+    }
+    return absl::OkStatus();
+  }));
+  if (!piece.empty()) RETURN_IF_ERROR(sink(&piece));
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<ObjectInfo>> ObjectStore::ListAll(

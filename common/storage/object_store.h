@@ -61,6 +61,10 @@ struct WriteOptions {
 // Receives the bytes of a read in order; an error stops the read and is
 // returned from it.
 using ByteSink = std::function<absl::Status(absl::string_view)>;
+// Receives the bytes of a read in order, in pieces it may keep: it may swap
+// the string's contents out (and leave another string's in their place,
+// whose buffer the read then reuses). An error stops the read.
+using PieceSink = std::function<absl::Status(std::string* piece)>;
 
 // An object being written. Bytes go to a staging area and nothing is visible
 // under the key until Commit() succeeds; destroying an uncommitted writer
@@ -102,6 +106,13 @@ class ObjectStore {
   // negative length reads to the end.
   virtual absl::Status Read(const std::string& key, int64_t offset,
                             int64_t length, const ByteSink& sink) = 0;
+  // Like Read(), but hands the bytes over in pieces of exactly
+  // `piece_bytes` (the last may be shorter), so a caller that forwards
+  // whole chunks need not copy them. The default assembles the pieces from
+  // Read(); a local store reads straight into them.
+  virtual absl::Status ReadPieces(const std::string& key, int64_t offset,
+                                  int64_t length, int64_t piece_bytes,
+                                  const PieceSink& sink);
   virtual absl::StatusOr<ObjectInfo> Stat(const std::string& key) = 0;
   virtual absl::StatusOr<ListResult> List(const ListOptions& options) = 0;
   // Succeeds when the key is already absent.

@@ -248,6 +248,69 @@ TEST_P(ObjectStoreTest, SinkErrorStopsARead) {
   EXPECT_EQ(calls, 1);
 }
 
+TEST_P(ObjectStoreTest, ReadPiecesCutsExactPiecesAndMayKeepThem) {
+  const std::string data = Random((3 << 20) + 12345, 4);
+  ASSERT_TRUE(store_->Put("pieces", data, {}).ok());
+  for (int64_t piece_bytes : {int64_t{1} << 20, int64_t{65536}, int64_t{7}}) {
+    if (piece_bytes == 7) {
+      // Tiny pieces over a small range only.
+      std::vector<std::string> got;
+      ASSERT_TRUE(store_
+                      ->ReadPieces("pieces", 100, 30, piece_bytes,
+                                   [&](std::string* piece) {
+                                     got.push_back(*piece);
+                                     return absl::OkStatus();
+                                   })
+                      .ok());
+      EXPECT_THAT(got, ElementsAre(data.substr(100, 7), data.substr(107, 7),
+                                   data.substr(114, 7), data.substr(121, 7),
+                                   data.substr(128, 2)));
+      continue;
+    }
+    SCOPED_TRACE(piece_bytes);
+    // The sink takes each piece and hands back a used buffer of another
+    // size, as a caller recycling its message buffers does.
+    std::string recycled(100, 'z');
+    std::string joined;
+    int64_t pieces = 0;
+    absl::Status s =
+        store_->ReadPieces("pieces", 0, -1, piece_bytes, [&](std::string* p) {
+          const bool last = joined.size() + p->size() == data.size();
+          EXPECT_TRUE(static_cast<int64_t>(p->size()) == piece_bytes || last)
+              << p->size();
+          joined += *p;
+          ++pieces;
+          p->swap(recycled);
+          return absl::OkStatus();
+        });
+    ASSERT_TRUE(s.ok()) << s;
+    EXPECT_EQ(joined, data);
+    EXPECT_EQ(pieces, (static_cast<int64_t>(data.size()) + piece_bytes - 1) /
+                          piece_bytes);
+  }
+  std::string tail;
+  ASSERT_TRUE(store_
+                  ->ReadPieces("pieces", 3 << 20, -1, 1 << 20,
+                               [&](std::string* p) {
+                                 tail += *p;
+                                 return absl::OkStatus();
+                               })
+                  .ok());
+  EXPECT_EQ(tail, data.substr(3 << 20));
+
+  int calls = 0;
+  absl::Status stopped =
+      store_->ReadPieces("pieces", 0, -1, 1 << 20, [&](std::string*) {
+        ++calls;
+        return absl::CancelledError("client went away");
+      });
+  EXPECT_TRUE(absl::IsCancelled(stopped)) << stopped;
+  EXPECT_EQ(calls, 1);
+  absl::Status missing = store_->ReadPieces(
+      "absent", 0, -1, 1 << 20, [](std::string*) { return absl::OkStatus(); });
+  EXPECT_TRUE(absl::IsNotFound(missing)) << missing;
+}
+
 INSTANTIATE_TEST_SUITE_P(Backends, ObjectStoreTest,
                          ::testing::Values("file", "memory", "s3"));
 

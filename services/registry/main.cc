@@ -26,7 +26,7 @@ ABSL_FLAG(bool, s3_path_style, false,
           "Address buckets as ENDPOINT/BUCKET/KEY rather than "
           "BUCKET.ENDPOINT/KEY (MinIO, Ceph and test servers want this).");
 ABSL_FLAG(std::string, spool_dir, "",
-          "Local folder where S3 uploads and downloads are staged. Default: "
+          "Local folder where S3 uploads are staged. Default: "
           "$TMPDIR or /tmp.");
 ABSL_FLAG(absl::Duration, watch_poll, absl::Seconds(10),
           "How often watched refs are re-read from storage, to see changes "
@@ -74,9 +74,7 @@ int main(int argc, char** argv) {
   }
   auto store = std::make_shared<kennel::registry::InstrumentedStore>(
       std::move(*opened), &metrics);
-  kennel::registry::ModelStoreOptions options;
-  options.spool_dir = s3.spool_dir;
-  kennel::registry::ModelStore models(store, options);
+  kennel::registry::ModelStore models(store);
 
   // The store may be down at start-up; serve anyway (calls fail with
   // UNAVAILABLE until it is back) and keep asking.

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <set>
+#include <thread>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -71,55 +72,253 @@ absl::Status FromJson(const std::string& json, google::protobuf::Message* out,
   return absl::OkStatus();
 }
 
-// Reads from a local file in 1 MiB pieces into `sink`.
-absl::Status SendFile(int fd, int64_t size, const storage::ByteSink& sink) {
-  std::string buffer(1 << 20, '\0');
-  int64_t at = 0;
-  while (at < size) {
-    size_t want = std::min<int64_t>(buffer.size(), size - at);
-    ssize_t n = pread(fd, buffer.data(), want, at);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      return absl::InternalError(absl::StrCat(
-          "cannot read a staged blob: ", n == 0 ? "short" : strerror(errno)));
+// Reads a blob in segments on a few threads, a few segments ahead of the
+// one being delivered; each thread checks its segment chunk by chunk,
+// resuming the hash from the state the index recorded at the segment's
+// start (the last segment's last chunk is checked against the blob's
+// digest). The caller's thread delivers the checked chunks in order.
+class SegmentReader {
+ public:
+  SegmentReader(storage::ObjectStore* store, std::string key,
+                const ChunkIndex* index, int64_t segment_bytes, int threads)
+      : store_(store),
+        key_(std::move(key)),
+        index_(index),
+        segment_bytes_(segment_bytes),
+        count_((index->size + segment_bytes - 1) / segment_bytes),
+        threads_(threads) {}
+
+  absl::Status Run(const ModelStore::ChunkSink& sink) {
+    std::vector<std::thread> workers;
+    for (int i = 0; i < threads_; ++i) workers.emplace_back([this] { Work(); });
+    absl::Status status;
+    for (int64_t number = 0; number < count_ && status.ok(); ++number) {
+      Segment segment;
+      {
+        absl::MutexLock lock(&mu_);
+        mu_.Await(absl::Condition(this, &SegmentReader::NextReady));
+        auto it = segments_.find(number);
+        segment = std::move(it->second);
+        segments_.erase(it);
+        next_to_send_ = number + 1;
+      }
+      // A failed segment still holds the chunks checked before the failure.
+      int64_t offset = number * segment_bytes_;
+      for (size_t i = 0; i < segment.chunks.size() && status.ok(); ++i) {
+        const int64_t size = static_cast<int64_t>(segment.chunks[i].size());
+        status = sink(offset, &segment.chunks[i]);
+        offset += size;
+      }
+      if (status.ok()) status = segment.status;
     }
-    RETURN_IF_ERROR(
-        sink(absl::string_view(buffer.data(), static_cast<size_t>(n))));
-    at += n;
+    {
+      absl::MutexLock lock(&mu_);
+      stopping_ = true;
+    }
+    for (std::thread& worker : workers) worker.join();
+    return status;
   }
-  return absl::OkStatus();
-}
+
+ private:
+  struct Segment {
+    std::vector<std::string> chunks;
+    absl::Status status;
+    bool ready = false;
+  };
+
+  bool NextReady() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto it = segments_.find(next_to_send_);
+    return it != segments_.end() && it->second.ready;
+  }
+  bool CanClaim() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    // At most threads + 1 segments are read ahead of the one being sent.
+    return stopping_ || next_to_read_ >= count_ ||
+           next_to_read_ <= next_to_send_ + threads_;
+  }
+
+  void Work() {
+    while (true) {
+      int64_t number;
+      {
+        absl::MutexLock lock(&mu_);
+        mu_.Await(absl::Condition(this, &SegmentReader::CanClaim));
+        if (stopping_ || next_to_read_ >= count_) return;
+        number = next_to_read_++;
+        segments_[number];  // claimed, not ready
+      }
+      Segment segment;
+      segment.status = Read(number, &segment.chunks);
+      segment.ready = true;
+      absl::MutexLock lock(&mu_);
+      segments_[number] = std::move(segment);
+    }
+  }
+
+  absl::Status Read(int64_t number, std::vector<std::string>* chunks) {
+    const int64_t offset = number * segment_bytes_;
+    const int64_t length = std::min(segment_bytes_, index_->size - offset);
+    ChunkVerifier verifier(index_, offset / index_->chunk_bytes);
+    absl::Status status = store_->ReadPieces(
+        key_, offset, length, index_->chunk_bytes, [&](std::string* piece) {
+          {
+            absl::MutexLock lock(&mu_);
+            if (stopping_) return absl::CancelledError("the read was stopped");
+          }
+          RETURN_IF_ERROR(verifier.Check(*piece));
+          chunks->push_back(std::move(*piece));
+          return absl::OkStatus();
+        });
+    if (absl::IsOutOfRange(status) ||
+        (status.ok() && verifier.offset() != offset + length)) {
+      return absl::DataLossError(absl::StrCat(
+          "blob ", index_->digest,
+          " is corrupt in storage: it ends before byte ", offset + length,
+          "; refusing to serve it. Push the model again to "
+          "repair it."));
+    }
+    return status;
+  }
+
+  storage::ObjectStore* const store_;
+  const std::string key_;
+  const ChunkIndex* const index_;
+  const int64_t segment_bytes_;
+  const int64_t count_;
+  const int threads_;
+
+  absl::Mutex mu_;
+  // Segments claimed or read and not yet taken for sending.
+  std::map<int64_t, Segment> segments_ ABSL_GUARDED_BY(mu_);
+  int64_t next_to_read_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t next_to_send_ ABSL_GUARDED_BY(mu_) = 0;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+};
 
 }  // namespace
 
+// A blob at least this large is written by a thread of its own; at most
+// this many bytes of it wait in memory to be written.
+constexpr int64_t kThreadedUploadBytes = int64_t{4} << 20;
+constexpr int64_t kMaxQueuedBytes = int64_t{8} << 20;
+
 BlobUpload::BlobUpload(std::string digest, int64_t size,
-                       std::unique_ptr<storage::ObjectWriter> writer)
-    : digest_(std::move(digest)), size_(size), writer_(std::move(writer)) {}
+                       std::unique_ptr<storage::ObjectWriter> writer,
+                       storage::ObjectStore* store, std::string index_key)
+    : digest_(std::move(digest)),
+      size_(size),
+      writer_(std::move(writer)),
+      store_(store),
+      index_key_(std::move(index_key)),
+      hash_(size) {
+  if (size_ >= kThreadedUploadBytes) {
+    writing_ = std::make_unique<std::thread>([this] { WriteLoop(); });
+  }
+}
+
+BlobUpload::~BlobUpload() { (void)StopWriting(/*discard=*/true); }
 
 absl::Status BlobUpload::Write(absl::string_view data) {
-  if (received_ + static_cast<int64_t>(data.size()) > size_) {
+  std::string copy(data);
+  return Write(&copy);
+}
+
+absl::Status BlobUpload::Write(std::string* data) {
+  const int64_t n = static_cast<int64_t>(data->size());
+  if (received_ + n > size_) {
     return absl::InvalidArgumentError(
         absl::StrCat("blob ", digest_, " was declared as ", size_,
                      " bytes but more were sent; nothing was stored"));
   }
-  hash_.Update(data);
-  received_ += static_cast<int64_t>(data.size());
-  return writer_->Write(data);
+  hash_.Update(*data);
+  received_ += n;
+  if (writing_ == nullptr) return writer_->Write(*data);
+  absl::MutexLock lock(&mu_);
+  // Waiting here holds the stream back (flow control) while the disk or
+  // the store catches up.
+  mu_.Await(absl::Condition(
+      +[](BlobUpload* u) ABSL_EXCLUSIVE_LOCKS_REQUIRED(u->mu_) {
+        return u->queued_bytes_ < kMaxQueuedBytes || !u->write_status_.ok();
+      },
+      this));
+  RETURN_IF_ERROR(write_status_);
+  queue_.emplace_back();
+  queue_.back().swap(*data);
+  queued_bytes_ += n;
+  if (!spare_.empty()) {
+    data->swap(spare_.back());
+    spare_.pop_back();
+  }
+  return absl::OkStatus();
+}
+
+void BlobUpload::WriteLoop() {
+  while (true) {
+    std::string data;
+    bool failed;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](BlobUpload* u) ABSL_EXCLUSIVE_LOCKS_REQUIRED(u->mu_) {
+            return !u->queue_.empty() || u->closing_;
+          },
+          this));
+      if (queue_.empty()) return;
+      data.swap(queue_.front());
+      queue_.pop_front();
+      failed = !write_status_.ok();
+    }
+    // After a failure the rest is only drained: the upload is lost anyway.
+    absl::Status status = failed ? absl::OkStatus() : writer_->Write(data);
+    absl::MutexLock lock(&mu_);
+    queued_bytes_ -= static_cast<int64_t>(data.size());
+    if (!status.ok() && write_status_.ok()) write_status_ = status;
+    if (spare_.size() < 4) {
+      data.clear();
+      spare_.push_back(std::move(data));
+    }
+  }
+}
+
+absl::Status BlobUpload::StopWriting(bool discard) {
+  if (writing_ == nullptr) return absl::OkStatus();
+  {
+    absl::MutexLock lock(&mu_);
+    closing_ = true;
+    if (discard) {
+      queue_.clear();
+      queued_bytes_ = 0;
+    }
+  }
+  writing_->join();
+  writing_.reset();
+  absl::MutexLock lock(&mu_);
+  return write_status_;
 }
 
 absl::Status BlobUpload::Finish() {
+  RETURN_IF_ERROR(StopWriting(/*discard=*/false));
   if (received_ != size_) {
     return absl::InvalidArgumentError(absl::StrCat(
         "blob ", digest_, " ended after ", received_, " of its ", size_,
         " declared bytes (a truncated push); nothing was stored"));
   }
-  const std::string got = hash_.Digest();
-  if (got != digest_) {
-    return absl::InvalidArgumentError(absl::StrCat("the bytes sent for ",
-                                                   digest_, " hash to ", got,
-                                                   "; nothing was stored"));
+  const ChunkIndex index = hash_.Finish();
+  if (index.digest != digest_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the bytes sent for ", digest_, " hash to ", index.digest,
+                     "; nothing was stored"));
   }
-  return writer_->Commit();
+  RETURN_IF_ERROR(writer_->Commit());
+  // Only speeds up reads: without it a pull checks the whole blob first
+  // and writes the index then.
+  absl::Status indexed = store_->Put(index_key_, index.Encode(), {});
+  if (!indexed.ok()) {
+    LOG(WARNING) << "stored blob " << digest_
+                 << " but not its chunk index (it will be made on the first "
+                    "pull): "
+                 << indexed;
+  }
+  return absl::OkStatus();
 }
 
 ModelStore::ModelStore(std::shared_ptr<storage::ObjectStore> store,
@@ -129,6 +328,10 @@ ModelStore::ModelStore(std::shared_ptr<storage::ObjectStore> store,
 std::string ModelStore::BlobKey(const std::string& digest) {
   // Digests are validated before they get here: "sha256:" + 64 hex.
   return "blobs/sha256/" + digest.substr(7);
+}
+
+std::string ModelStore::IndexKey(const std::string& digest) {
+  return "blobs/sha256-chunks/" + digest.substr(7);
 }
 
 std::string ModelStore::VersionKey(const std::string& name, int64_t version) {
@@ -272,7 +475,8 @@ absl::StatusOr<std::unique_ptr<BlobUpload>> ModelStore::StartBlob(
   options.sha256_hex = digest.substr(7);
   ASSIGN_OR_RETURN(std::unique_ptr<storage::ObjectWriter> writer,
                    store_->NewWriter(BlobKey(digest), options));
-  return std::make_unique<BlobUpload>(digest, size, std::move(writer));
+  return std::make_unique<BlobUpload>(digest, size, std::move(writer),
+                                      store_.get(), IndexKey(digest));
 }
 
 absl::StatusOr<std::vector<ModelStore::VersionEntry>>
@@ -499,8 +703,34 @@ absl::StatusOr<v1::ModelVersion> ModelStore::Resolve(const ModelRef& ref) {
 
 absl::Status ModelStore::ReadBlob(const v1::Component& component,
                                   const storage::ByteSink& sink) {
+  return ReadBlobChunks(
+      component, [&](int64_t, std::string* chunk) { return sink(*chunk); });
+}
+
+absl::Status ModelStore::ReadBlobChunks(const v1::Component& component,
+                                        const ChunkSink& sink) {
   RETURN_IF_ERROR(ValidateDigest(component.digest()));
-  absl::Status status = VerifyBlob(component, sink);
+  if (component.size() < 0) {
+    return absl::DataLossError(absl::StrCat(
+        "the manifest gives blob ", component.digest(), " a negative size"));
+  }
+  absl::StatusOr<ChunkIndex> index = LoadIndex(component);
+  if (absl::IsNotFound(index.status())) {
+    // Pushed before indexes existed, or its index was lost: check the whole
+    // blob before sending any of it, and keep the index for next time.
+    index = BuildIndex(component);
+    if (index.ok()) {
+      absl::Status saved =
+          store_->Put(IndexKey(component.digest()), index->Encode(), {});
+      if (!saved.ok()) {
+        LOG_EVERY_N(WARNING, 100)
+            << "cannot store the chunk index of " << component.digest()
+            << " (its pulls check the whole blob first): " << saved;
+      }
+    }
+  }
+  absl::Status status = index.status();
+  if (status.ok()) status = SendVerified(component, *index, sink);
   if (absl::IsNotFound(status)) {
     return absl::DataLossError(absl::StrCat(
         "blob ", component.digest(),
@@ -509,69 +739,93 @@ absl::Status ModelStore::ReadBlob(const v1::Component& component,
   return status;
 }
 
-absl::Status ModelStore::VerifyBlob(const v1::Component& component,
-                                    const storage::ByteSink& sink) {
-  const std::string key = BlobKey(component.digest());
-  auto corrupt = [&](int64_t size, const std::string& digest) {
+absl::StatusOr<ChunkIndex> ModelStore::LoadIndex(
+    const v1::Component& component) {
+  const std::string key = IndexKey(component.digest());
+  ASSIGN_OR_RETURN(std::string data, store_->ReadAll(key));
+  absl::StatusOr<ChunkIndex> index = ChunkIndex::Decode(data);
+  if (index.ok() && (index->digest != component.digest() ||
+                     index->size != component.size())) {
+    index = absl::DataLossError(absl::StrCat(
+        "it describes ", index->size, " bytes hashing to ", index->digest));
+  }
+  if (!index.ok()) {
+    LOG(WARNING) << "ignoring the chunk index " << key << ": "
+                 << index.status().message()
+                 << "; the blob is checked whole and the index rewritten";
+    return absl::NotFoundError(key);
+  }
+  return index;
+}
+
+absl::StatusOr<ChunkIndex> ModelStore::BuildIndex(
+    const v1::Component& component) {
+  ChunkIndexBuilder builder(component.size());
+  RETURN_IF_ERROR(store_->Read(BlobKey(component.digest()), 0, -1,
+                               [&](absl::string_view data) {
+                                 builder.Update(data);
+                                 return absl::OkStatus();
+                               }));
+  const int64_t size = builder.bytes();
+  ChunkIndex index = builder.Finish();
+  if (index.digest != component.digest() || size != component.size()) {
     return absl::DataLossError(absl::StrCat(
         "blob ", component.digest(), " is corrupt in storage (", size,
-        " bytes hashing to ", digest, ", expected ", component.size(),
+        " bytes hashing to ", index.digest, ", expected ", component.size(),
         " bytes); refusing to serve it. Push the model again to repair it."));
-  };
-  Sha256 hash;
-  int64_t size = 0;
-  if (store_->is_local()) {
-    // Cheap to read twice: check every byte first, then send.
-    RETURN_IF_ERROR(store_->Read(key, 0, -1, [&](absl::string_view data) {
-      hash.Update(data);
-      size += static_cast<int64_t>(data.size());
-      return absl::OkStatus();
-    }));
-    const std::string digest = hash.Digest();
-    if (digest != component.digest() || size != component.size()) {
-      return corrupt(size, digest);
-    }
-    return store_->Read(key, 0, component.size(), sink);
   }
-  // Remote: stage the bytes on local disk while hashing, then send them.
-  std::string dir = options_.spool_dir;
-  if (dir.empty()) dir = std::getenv("TMPDIR") ? std::getenv("TMPDIR") : "/tmp";
-  int fd = open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
-  if (fd < 0) {
-    std::string path = dir + "/kennel-pull-XXXXXX";
-    fd = mkostemp(path.data(), O_CLOEXEC);
-    if (fd < 0) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("cannot stage a blob in ", dir, ": ", strerror(errno)));
-    }
-    unlink(path.c_str());
+  return index;
+}
+
+absl::Status ModelStore::SendVerified(const v1::Component& component,
+                                      const ChunkIndex& index,
+                                      const ChunkSink& sink) {
+  const int64_t segment =
+      std::max(index.chunk_bytes, options_.read_segment_bytes /
+                                      index.chunk_bytes * index.chunk_bytes);
+  if (options_.read_parallelism > 1 && index.size > 2 * segment) {
+    return SendSegments(component, index, segment, sink);
   }
-  struct Closer {
-    int fd;
-    ~Closer() { close(fd); }
-  } closer{fd};
-  RETURN_IF_ERROR(store_->Read(key, 0, -1, [&](absl::string_view data) {
-    hash.Update(data);
-    size += static_cast<int64_t>(data.size());
-    const char* p = data.data();
-    size_t left = data.size();
-    while (left > 0) {
-      ssize_t n = write(fd, p, left);
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0) {
-        return absl::ResourceExhaustedError(absl::StrCat(
-            "cannot stage a blob in ", dir, ": ", strerror(errno)));
-      }
-      p += n;
-      left -= static_cast<size_t>(n);
-    }
-    return absl::OkStatus();
-  }));
-  const std::string digest = hash.Digest();
-  if (digest != component.digest() || size != component.size()) {
-    return corrupt(size, digest);
+  ChunkVerifier verifier(&index);
+  // The last chunk is held until the read has ended, so a stored object
+  // longer than the blob is reported as corrupt rather than cut short.
+  std::string last;
+  int64_t last_offset = 0;
+  RETURN_IF_ERROR(store_->ReadPieces(BlobKey(component.digest()), 0, -1,
+                                     index.chunk_bytes,
+                                     [&](std::string* piece) -> absl::Status {
+                                       const int64_t offset = verifier.offset();
+                                       RETURN_IF_ERROR(verifier.Check(*piece));
+                                       if (!verifier.done())
+                                         return sink(offset, piece);
+                                       last.swap(*piece);
+                                       last_offset = offset;
+                                       return absl::OkStatus();
+                                     }));
+  if (!verifier.done()) {
+    // Nothing more arrived: fine for an empty blob, corrupt otherwise.
+    RETURN_IF_ERROR(verifier.Check(""));
   }
-  return SendFile(fd, size, sink);
+  if (index.size == 0) return absl::OkStatus();
+  return sink(last_offset, &last);
+}
+
+absl::Status ModelStore::SendSegments(const v1::Component& component,
+                                      const ChunkIndex& index,
+                                      int64_t segment_bytes,
+                                      const ChunkSink& sink) {
+  const std::string key = BlobKey(component.digest());
+  // Ranged reads would not notice bytes past the blob's end.
+  ASSIGN_OR_RETURN(storage::ObjectInfo info, store_->Stat(key));
+  if (info.size != index.size) {
+    return absl::DataLossError(absl::StrCat(
+        "blob ", component.digest(), " is corrupt in storage (", info.size,
+        " bytes, expected ", index.size,
+        "); refusing to serve it. Push the model again to repair it."));
+  }
+  SegmentReader reader(store_.get(), key, &index, segment_bytes,
+                       options_.read_parallelism);
+  return reader.Run(sink);
 }
 
 absl::StatusOr<v1::ListModelsResponse> ModelStore::ListModels() {
@@ -773,16 +1027,31 @@ absl::StatusOr<v1::GarbageCollectResponse> ModelStore::GarbageCollect(
                    store_->ListAll("blobs/sha256/"));
   const absl::Time cutoff = absl::Now() - grace;
   v1::GarbageCollectResponse response;
+  std::set<std::string> kept;
   for (const storage::ObjectInfo& blob : blobs) {
     const std::string digest = "sha256:" + blob.key.substr(13);
     if (!ValidateDigest(digest).ok() || referenced.count(digest) ||
         blob.modified > cutoff) {
       response.set_kept_blobs(response.kept_blobs() + 1);
+      kept.insert(digest);
       continue;
     }
     if (!dry_run) RETURN_IF_ERROR(store_->Delete(blob.key));
     response.add_removed_digests(digest);
     response.set_removed_bytes(response.removed_bytes() + blob.size);
+  }
+  // Chunk indexes go with their blobs; one whose blob is gone is an orphan
+  // (a pull can rewrite an index just as its blob is collected), removed
+  // once it is older than the grace period.
+  ASSIGN_OR_RETURN(std::vector<storage::ObjectInfo> indexes,
+                   store_->ListAll("blobs/sha256-chunks/"));
+  const std::set<std::string> removed(response.removed_digests().begin(),
+                                      response.removed_digests().end());
+  for (const storage::ObjectInfo& index : indexes) {
+    const std::string digest = "sha256:" + index.key.substr(20);
+    if (!ValidateDigest(digest).ok() || kept.count(digest)) continue;
+    if (!removed.count(digest) && index.modified > cutoff) continue;
+    if (!dry_run) RETURN_IF_ERROR(store_->Delete(index.key));
   }
   if (!dry_run) {
     auto cleaned = store_->CleanStaging(cutoff);

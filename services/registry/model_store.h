@@ -14,10 +14,12 @@
 
 #include <atomic>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -28,6 +30,7 @@
 #include "common/sha256.h"
 #include "common/storage/object_store.h"
 #include "kennel/v1/registry.pb.h"
+#include "services/registry/chunk_index.h"
 
 namespace kennel::registry {
 
@@ -38,30 +41,64 @@ struct ModelStoreOptions {
   int max_components = 16;
   // Largest accepted component.
   int64_t max_component_bytes = int64_t{16} << 30;
-  // Where blobs read from a remote store are staged for verification.
-  std::string spool_dir;
+  // Blobs larger than two segments are read by this many threads, one
+  // segment each (ranged reads), checked there and sent in order; at most
+  // (parallelism + 2) segments of one pull are in memory at once.
+  int read_parallelism = 2;
+  int64_t read_segment_bytes = int64_t{4} << 20;
 };
 
-// Receives one blob of a push: hashes the bytes as they are written and
-// publishes the blob only if size and digest match the declaration. Not
-// thread-safe; destroying it unfinished discards the bytes.
+// Receives one blob of a push: hashes the bytes as they arrive and
+// publishes the blob only if size and digest match the declaration, then
+// its chunk index (chunk_index.h). A large blob is written to storage by a
+// thread of its own, so hashing and receiving go on while earlier chunks
+// are written. Not thread-safe; destroying it unfinished discards the
+// bytes.
 class BlobUpload {
  public:
+  // The index goes to `store` (which must outlive the upload) under
+  // `index_key`.
   BlobUpload(std::string digest, int64_t size,
-             std::unique_ptr<storage::ObjectWriter> writer);
-  // INVALID_ARGUMENT past the declared size.
+             std::unique_ptr<storage::ObjectWriter> writer,
+             storage::ObjectStore* store, std::string index_key);
+  ~BlobUpload();
+  BlobUpload(const BlobUpload&) = delete;
+  BlobUpload& operator=(const BlobUpload&) = delete;
+
+  // INVALID_ARGUMENT past the declared size; a storage error from an
+  // earlier write.
   absl::Status Write(absl::string_view data);
+  // The same, taking the bytes' buffer: `data` is left holding another
+  // (empty) buffer, usually one already written and big enough to be
+  // filled again without allocating.
+  absl::Status Write(std::string* data);
   // INVALID_ARGUMENT when the bytes are short or hash differently.
   absl::Status Finish();
   int64_t received() const { return received_; }
   const std::string& digest() const { return digest_; }
 
  private:
+  // Stops the writing thread after it has written what it was given (or
+  // dropped it, when `discard`), and returns its first error.
+  absl::Status StopWriting(bool discard);
+  void WriteLoop();
+
   const std::string digest_;
   const int64_t size_;
   std::unique_ptr<storage::ObjectWriter> writer_;
-  Sha256 hash_;
+  storage::ObjectStore* const store_;
+  const std::string index_key_;
+  ChunkIndexBuilder hash_;
   int64_t received_ = 0;
+
+  // Set when the blob is large enough to be written by its own thread.
+  std::unique_ptr<std::thread> writing_;
+  absl::Mutex mu_;
+  std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);
+  int64_t queued_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<std::string> spare_ ABSL_GUARDED_BY(mu_);
+  bool closing_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status write_status_ ABSL_GUARDED_BY(mu_);
 };
 
 // Thread-safe. Several processes may share one store when it enforces
@@ -101,8 +138,19 @@ class ModelStore {
   absl::StatusOr<v1::ModelVersion> Resolve(const ModelRef& ref);
   absl::StatusOr<v1::ModelVersion> Resolve(const std::string& ref);
 
-  // Streams a blob to `sink` after checking that its bytes hash to its
-  // digest: a corrupt blob is DATA_LOSS before any byte is delivered.
+  // Receives a blob in chunks; `offset` is where `chunk` starts. May swap
+  // the chunk's contents out (see storage::PieceSink).
+  using ChunkSink =
+      std::function<absl::Status(int64_t offset, std::string* chunk)>;
+
+  // Streams a blob to `sink` in chunks of about 1 MiB, each checked before
+  // it is delivered, with the whole blob's digest checked before the last
+  // one: a corrupt chunk is DATA_LOSS and is never delivered. A blob whose
+  // chunk index is missing or damaged is checked whole before its first
+  // chunk is delivered, and its index is written for the next read.
+  absl::Status ReadBlobChunks(const v1::Component& component,
+                              const ChunkSink& sink);
+  // The same, as plain bytes.
   absl::Status ReadBlob(const v1::Component& component,
                         const storage::ByteSink& sink);
 
@@ -122,6 +170,8 @@ class ModelStore {
   storage::ObjectStore& object_store() { return *store_; }
 
   static std::string BlobKey(const std::string& digest);
+  // Where a blob's chunk index lives.
+  static std::string IndexKey(const std::string& digest);
   static std::string VersionKey(const std::string& name, int64_t version);
   static std::string AliasKey(const std::string& name,
                               const std::string& alias);
@@ -144,8 +194,17 @@ class ModelStore {
                                        int64_t version)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(alias_mu_);
   absl::StatusOr<int64_t> AllocateAndWrite(v1::ModelVersion* manifest);
-  absl::Status VerifyBlob(const v1::Component& component,
-                          const storage::ByteSink& sink);
+  // The blob's index; NOT_FOUND when it has none (or a damaged one, or
+  // one that describes other bytes).
+  absl::StatusOr<ChunkIndex> LoadIndex(const v1::Component& component);
+  // Reads and hashes the whole blob to make its index, failing with
+  // DATA_LOSS when the blob does not match its digest.
+  absl::StatusOr<ChunkIndex> BuildIndex(const v1::Component& component);
+  absl::Status SendVerified(const v1::Component& component,
+                            const ChunkIndex& index, const ChunkSink& sink);
+  absl::Status SendSegments(const v1::Component& component,
+                            const ChunkIndex& index, int64_t segment_bytes,
+                            const ChunkSink& sink);
   void Changed(const std::string& name);
 
   // Constant after construction.

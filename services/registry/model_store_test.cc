@@ -4,12 +4,15 @@
 
 #include <stdlib.h>
 
+#include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <set>
 #include <thread>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/sha256.h"
 #include "common/storage/file_store.h"
@@ -24,10 +27,20 @@ using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using ::testing::UnorderedElementsAre;
 
+std::string RandomBytes(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::string out(n, '\0');
+  for (char& c : out) c = static_cast<char>(rng() & 0xff);
+  return out;
+}
+
 class ModelStoreTest : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
-    if (GetParam() == "file") {
+    // "+segments": blobs above 2 MiB are read in 1 MiB segments by parallel
+    // threads, as large blobs are with the default 4 MiB segments.
+    segmented_ = absl::EndsWith(GetParam(), "+segments");
+    if (absl::StartsWith(GetParam(), "file")) {
       char tmpl[] = "/tmp/kennel-model-store-XXXXXX";
       ASSERT_NE(mkdtemp(tmpl), nullptr);
       dir_ = tmpl;
@@ -38,7 +51,9 @@ class ModelStoreTest : public ::testing::TestWithParam<std::string> {
       memory_ = std::make_shared<storage::MemoryStore>();
       object_store_ = memory_;
     }
-    store_ = std::make_unique<ModelStore>(object_store_);
+    ModelStoreOptions options;
+    if (segmented_) options.read_segment_bytes = 1 << 20;
+    store_ = std::make_unique<ModelStore>(object_store_, options);
     ASSERT_TRUE(store_->Init().ok());
   }
   void TearDown() override {
@@ -73,6 +88,16 @@ class ModelStoreTest : public ::testing::TestWithParam<std::string> {
     return store_->Commit(Header(name, bytes));
   }
 
+  // Replaces an object's bytes behind the store's back (corruption).
+  void Overwrite(const std::string& key, const std::string& bytes) {
+    if (memory_) {
+      memory_->Overwrite(key, bytes);
+    } else {
+      std::ofstream(dir_ + "/" + key, std::ios::binary | std::ios::trunc)
+          << bytes;
+    }
+  }
+
   std::string ReadBlob(const v1::Component& c, absl::Status* status) {
     std::string out;
     *status = store_->ReadBlob(c, [&](absl::string_view d) {
@@ -82,6 +107,7 @@ class ModelStoreTest : public ::testing::TestWithParam<std::string> {
     return out;
   }
 
+  bool segmented_ = false;
   std::string dir_;
   std::shared_ptr<storage::MemoryStore> memory_;
   std::shared_ptr<storage::ObjectStore> object_store_;
@@ -257,34 +283,226 @@ TEST_P(ModelStoreTest, ListsModelsAndPagesVersionsNewestFirst) {
   EXPECT_TRUE(absl::IsNotFound(store_->ListVersions(request).status()));
 }
 
-TEST_P(ModelStoreTest, CorruptBlobIsRefusedBeforeAnyByteIsSent) {
-  auto v = Push("dogs", std::string(3 << 20, 'x'));
+TEST_P(ModelStoreTest, CorruptChunkIsRefusedBeforeItIsSent) {
+  const std::string good = RandomBytes((3 << 20) + 100, 11);
+  auto v = Push("dogs", good);
   ASSERT_TRUE(v.ok());
   const v1::Component& c = v->components(0);
   absl::Status status;
-  EXPECT_EQ(ReadBlob(c, &status).size(), size_t{3} << 20);
+  EXPECT_EQ(ReadBlob(c, &status), good);
   ASSERT_TRUE(status.ok()) << status;
 
-  const std::string key = ModelStore::BlobKey(c.digest());
-  std::string corrupt(3 << 20, 'x');
-  corrupt[(2 << 20) + 7] = 'y';
-  if (memory_) {
-    memory_->Overwrite(key, corrupt);
-  } else {
-    std::ofstream(dir_ + "/" + key, std::ios::binary | std::ios::trunc)
-        << corrupt;
-  }
-  int calls = 0;
-  status = store_->ReadBlob(c, [&](absl::string_view) {
-    ++calls;
+  // The bad byte is in the third chunk: the two chunks before it were
+  // checked and may go, the third never does.
+  std::string corrupt = good;
+  corrupt[(2 << 20) + 7] ^= 1;
+  Overwrite(ModelStore::BlobKey(c.digest()), corrupt);
+  std::string delivered = ReadBlob(c, &status);
+  EXPECT_TRUE(absl::IsDataLoss(status)) << status;
+  EXPECT_THAT(std::string(status.message()), HasSubstr("corrupt"));
+  EXPECT_THAT(std::string(status.message()), HasSubstr("chunk 2"));
+  EXPECT_EQ(delivered, good.substr(0, 2 << 20));
+
+  // In the first chunk: nothing at all is delivered.
+  corrupt = good;
+  corrupt[5] ^= 1;
+  Overwrite(ModelStore::BlobKey(c.digest()), corrupt);
+  EXPECT_EQ(ReadBlob(c, &status), "");
+  EXPECT_TRUE(absl::IsDataLoss(status)) << status;
+
+  // In the short last chunk: caught by the digest, before it is delivered.
+  corrupt = good;
+  corrupt.back() ^= 1;
+  Overwrite(ModelStore::BlobKey(c.digest()), corrupt);
+  EXPECT_EQ(ReadBlob(c, &status), good.substr(0, 3 << 20));
+  EXPECT_TRUE(absl::IsDataLoss(status)) << status;
+
+  // Longer or shorter than the manifest says: corrupt, and the last chunk
+  // is not delivered (segmented reads check the length first, and deliver
+  // nothing).
+  Overwrite(ModelStore::BlobKey(c.digest()), good + "x");
+  EXPECT_EQ(ReadBlob(c, &status), segmented_ ? "" : good.substr(0, 3 << 20));
+  EXPECT_TRUE(absl::IsDataLoss(status)) << status;
+  Overwrite(ModelStore::BlobKey(c.digest()), good.substr(0, 2 << 20));
+  EXPECT_EQ(ReadBlob(c, &status), segmented_ ? "" : good.substr(0, 2 << 20));
+  EXPECT_TRUE(absl::IsDataLoss(status)) << status;
+
+  ASSERT_TRUE(object_store_->Delete(ModelStore::BlobKey(c.digest())).ok());
+  status = store_->ReadBlob(c, [](absl::string_view) {
+    ADD_FAILURE() << "a missing blob delivered bytes";
     return absl::OkStatus();
   });
   EXPECT_TRUE(absl::IsDataLoss(status)) << status;
-  EXPECT_EQ(calls, 0);
+  EXPECT_THAT(std::string(status.message()), HasSubstr("missing"));
+}
 
-  ASSERT_TRUE(object_store_->Delete(key).ok());
-  EXPECT_TRUE(absl::IsDataLoss(
-      store_->ReadBlob(c, [](absl::string_view) { return absl::OkStatus(); })));
+TEST_P(ModelStoreTest, ChunksArriveWhole) {
+  const std::string good = RandomBytes((2 << 20) + 5, 12);
+  auto v = Push("dogs", good);
+  ASSERT_TRUE(v.ok());
+  std::vector<std::pair<int64_t, size_t>> chunks;
+  std::string joined;
+  ASSERT_TRUE(store_
+                  ->ReadBlobChunks(v->components(0),
+                                   [&](int64_t offset, std::string* chunk) {
+                                     chunks.emplace_back(offset, chunk->size());
+                                     joined += *chunk;
+                                     return absl::OkStatus();
+                                   })
+                  .ok());
+  EXPECT_THAT(chunks,
+              ElementsAre(std::make_pair(int64_t{0}, size_t{1} << 20),
+                          std::make_pair(int64_t{1} << 20, size_t{1} << 20),
+                          std::make_pair(int64_t{2} << 20, size_t{5})));
+  EXPECT_EQ(joined, good);
+
+  // An empty blob is read as nothing, successfully.
+  auto empty = Push("empty", "");
+  ASSERT_TRUE(empty.ok()) << empty.status();
+  absl::Status status;
+  EXPECT_EQ(ReadBlob(empty->components(0), &status), "");
+  EXPECT_TRUE(status.ok()) << status;
+}
+
+TEST_P(ModelStoreTest, SinkErrorStopsTheRead) {
+  const std::string good = RandomBytes((9 << 20) + 3, 16);
+  auto v = Push("dogs", good);
+  ASSERT_TRUE(v.ok());
+  int calls = 0;
+  absl::Status status = store_->ReadBlobChunks(
+      v->components(0), [&](int64_t offset, std::string* chunk) {
+        EXPECT_TRUE(*chunk == good.substr(offset, 1 << 20)) << offset;
+        return ++calls == 3 ? absl::CancelledError("client went away")
+                            : absl::OkStatus();
+      });
+  EXPECT_TRUE(absl::IsCancelled(status)) << status;
+  EXPECT_EQ(calls, 3);
+
+  // A bad byte late in the blob: every chunk before it is delivered, in
+  // order, and nothing after.
+  std::string corrupt = good;
+  corrupt[(7 << 20) + 1] ^= 1;
+  Overwrite(ModelStore::BlobKey(v->components(0).digest()), corrupt);
+  std::string delivered = ReadBlob(v->components(0), &status);
+  EXPECT_TRUE(absl::IsDataLoss(status)) << status;
+  EXPECT_EQ(delivered.size(), size_t{7} << 20);
+  EXPECT_TRUE(delivered == good.substr(0, 7 << 20));
+}
+
+TEST_P(ModelStoreTest, LargeUploadsAreWrittenBehindTheHash) {
+  // Large enough to be written by the upload's own thread.
+  const std::string good = RandomBytes((10 << 20) + 7, 17);
+  const std::string digest = Sha256Digest(good);
+  auto send = [&](BlobUpload* upload, size_t upto) {
+    for (size_t at = 0; at < upto; at += 1 << 20) {
+      std::string piece = good.substr(at, std::min<size_t>(1 << 20, upto - at));
+      absl::Status s = upload->Write(&piece);
+      if (!s.ok()) return s;
+      EXPECT_TRUE(piece.empty());  // a spare buffer, not the bytes sent
+    }
+    return absl::OkStatus();
+  };
+
+  // Abandoned half way: nothing is stored, the staged bytes are dropped.
+  {
+    auto upload = store_->StartBlob(digest, good.size());
+    ASSERT_TRUE(upload.ok());
+    ASSERT_TRUE(send(upload->get(), 5 << 20).ok());
+  }
+  if (memory_) EXPECT_EQ(memory_->open_writers(), 0);
+  EXPECT_TRUE(store_->PresentBlobs({digest})->empty());
+
+  // Declared with another digest: refused, nothing stored.
+  auto wrong = store_->StartBlob(Sha256Digest("other"), good.size());
+  ASSERT_TRUE(wrong.ok());
+  ASSERT_TRUE(send(wrong->get(), good.size()).ok());
+  EXPECT_TRUE(absl::IsInvalidArgument((*wrong)->Finish()));
+  EXPECT_TRUE(store_->PresentBlobs({Sha256Digest("other")})->empty());
+
+  if (memory_) {
+    // A storage failure while the bytes are written reaches the caller.
+    auto failing = store_->StartBlob(digest, good.size());
+    ASSERT_TRUE(failing.ok());
+    ASSERT_TRUE(send(failing->get(), 2 << 20).ok());
+    memory_->set_failure(absl::UnavailableError("storage is down"));
+    absl::Status s = send(failing->get(), good.size());
+    if (s.ok()) s = (*failing)->Finish();
+    EXPECT_TRUE(absl::IsUnavailable(s)) << s;
+    memory_->set_failure(absl::OkStatus());
+    failing->reset();
+    EXPECT_TRUE(store_->PresentBlobs({digest})->empty());
+  }
+
+  auto upload = store_->StartBlob(digest, good.size());
+  ASSERT_TRUE(upload.ok());
+  ASSERT_TRUE(send(upload->get(), good.size()).ok());
+  absl::Status finished = (*upload)->Finish();
+  ASSERT_TRUE(finished.ok()) << finished;
+  v1::Component c;
+  c.set_digest(digest);
+  c.set_size(good.size());
+  absl::Status status;
+  EXPECT_TRUE(ReadBlob(c, &status) == good);
+  EXPECT_TRUE(status.ok()) << status;
+  EXPECT_TRUE(object_store_->Stat(ModelStore::IndexKey(digest)).ok());
+}
+
+TEST_P(ModelStoreTest, BlobWithoutIndexIsCheckedWholeThenIndexed) {
+  // A blob as a registry without chunk indexes stored it.
+  const std::string good = RandomBytes((2 << 20) + 9, 13);
+  auto v = Push("dogs", good);
+  ASSERT_TRUE(v.ok());
+  const v1::Component& c = v->components(0);
+  const std::string index_key = ModelStore::IndexKey(c.digest());
+  ASSERT_TRUE(object_store_->Stat(index_key).ok());
+  ASSERT_TRUE(object_store_->Delete(index_key).ok());
+
+  // Corrupt anywhere: refused before the first byte, and no index is made.
+  std::string corrupt = good;
+  corrupt[(2 << 20) + 3] ^= 1;
+  Overwrite(ModelStore::BlobKey(c.digest()), corrupt);
+  absl::Status status;
+  EXPECT_EQ(ReadBlob(c, &status), "");
+  EXPECT_TRUE(absl::IsDataLoss(status)) << status;
+  EXPECT_THAT(std::string(status.message()), HasSubstr("corrupt"));
+  EXPECT_TRUE(absl::IsNotFound(object_store_->Stat(index_key).status()));
+
+  // Intact: served, and its index written for the next read.
+  Overwrite(ModelStore::BlobKey(c.digest()), good);
+  EXPECT_EQ(ReadBlob(c, &status), good);
+  EXPECT_TRUE(status.ok()) << status;
+  auto stored = object_store_->ReadAll(index_key);
+  ASSERT_TRUE(stored.ok()) << stored.status();
+  auto index = ChunkIndex::Decode(*stored);
+  ASSERT_TRUE(index.ok()) << index.status();
+  EXPECT_EQ(index->digest, c.digest());
+  EXPECT_EQ(index->size, c.size());
+  EXPECT_EQ(index->states.size(), 2u);
+}
+
+TEST_P(ModelStoreTest, DamagedOrForeignIndexIsReplaced) {
+  const std::string good = RandomBytes((2 << 20) + 1, 14);
+  const std::string other = RandomBytes(3 << 20, 15);
+  auto v = Push("dogs", good);
+  ASSERT_TRUE(v.ok());
+  PutBlob(other);
+  const v1::Component& c = v->components(0);
+  const std::string index_key = ModelStore::IndexKey(c.digest());
+  auto original = object_store_->ReadAll(index_key);
+  ASSERT_TRUE(original.ok());
+
+  std::string damaged = *original;
+  damaged[80] ^= 1;
+  auto foreign =
+      object_store_->ReadAll(ModelStore::IndexKey(Sha256Digest(other)));
+  ASSERT_TRUE(foreign.ok());
+  for (const std::string& bad : {damaged, *foreign, std::string("junk")}) {
+    Overwrite(index_key, bad);
+    absl::Status status;
+    EXPECT_EQ(ReadBlob(c, &status), good);
+    EXPECT_TRUE(status.ok()) << status;
+    EXPECT_EQ(*object_store_->ReadAll(index_key), *original);
+  }
 }
 
 TEST_P(ModelStoreTest, GarbageCollectRemovesOldUnreferencedBlobsOnly) {
@@ -330,6 +548,42 @@ TEST_P(ModelStoreTest, GarbageCollectRemovesOldUnreferencedBlobsOnly) {
   EXPECT_TRUE(status.ok());
 }
 
+TEST_P(ModelStoreTest, GarbageCollectRemovesIndexesWithTheirBlobs) {
+  ASSERT_TRUE(Push("dogs", "kept").ok());
+  const std::string orphan = PutBlob("orphan");
+  const std::string gone_old = Sha256Digest("gone, index left old");
+  const std::string gone_young = Sha256Digest("gone, index left young");
+  ASSERT_TRUE(object_store_->Put(ModelStore::IndexKey(gone_old), "x", {}).ok());
+  ASSERT_TRUE(
+      object_store_->Put(ModelStore::IndexKey(gone_young), "x", {}).ok());
+  auto age = [&](const std::string& key) {
+    if (memory_) {
+      memory_->SetModified(key, absl::Now() - absl::Hours(2));
+    } else {
+      std::filesystem::last_write_time(
+          dir_ + "/" + key, std::filesystem::file_time_type::clock::now() -
+                                std::chrono::hours(2));
+    }
+  };
+  for (const std::string& digest : {orphan, Sha256Digest("kept")}) {
+    age(ModelStore::BlobKey(digest));
+    age(ModelStore::IndexKey(digest));
+  }
+  age(ModelStore::IndexKey(gone_old));
+
+  auto gc = store_->GarbageCollect(absl::Hours(1), /*dry_run=*/false);
+  ASSERT_TRUE(gc.ok()) << gc.status();
+  EXPECT_THAT(gc->removed_digests(), ElementsAre(orphan));
+  EXPECT_EQ(gc->kept_blobs(), 1);
+  auto exists = [&](const std::string& key) {
+    return object_store_->Stat(key).ok();
+  };
+  EXPECT_TRUE(exists(ModelStore::IndexKey(Sha256Digest("kept"))));
+  EXPECT_FALSE(exists(ModelStore::IndexKey(orphan)));
+  EXPECT_FALSE(exists(ModelStore::IndexKey(gone_old)));
+  EXPECT_TRUE(exists(ModelStore::IndexKey(gone_young)));
+}
+
 TEST_P(ModelStoreTest, BadHeadersAreRefusedWithoutTouchingStorage) {
   if (memory_) memory_->set_failure(absl::UnavailableError("storage is down"));
   v1::PushHeader good = Header("dogs", "x");
@@ -373,7 +627,13 @@ TEST_P(ModelStoreTest, BadHeadersAreRefusedWithoutTouchingStorage) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, ModelStoreTest,
-                         ::testing::Values("file", "memory"));
+                         ::testing::Values("file", "memory", "file+segments",
+                                           "memory+segments"),
+                         [](const ::testing::TestParamInfo<std::string>& info) {
+                           std::string name = info.param;
+                           std::replace(name.begin(), name.end(), '+', '_');
+                           return name;
+                         });
 
 TEST(ModelStoreSerialisedTest,
      StoreIgnoringExclusiveWritesStillGetsDistinctVersions) {

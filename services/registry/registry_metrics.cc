@@ -114,6 +114,14 @@ absl::Status InstrumentedStore::Read(const std::string& key, int64_t offset,
   return timer.Done(store_->Read(key, offset, length, sink));
 }
 
+absl::Status InstrumentedStore::ReadPieces(const std::string& key,
+                                           int64_t offset, int64_t length,
+                                           int64_t piece_bytes,
+                                           const storage::PieceSink& sink) {
+  Timer timer(metrics_, RegistryMetrics::Op::kGet);
+  return timer.Done(store_->ReadPieces(key, offset, length, piece_bytes, sink));
+}
+
 absl::StatusOr<storage::ObjectInfo> InstrumentedStore::Stat(
     const std::string& key) {
   Timer timer(metrics_, RegistryMetrics::Op::kHead);

@@ -53,6 +53,9 @@ class InstrumentedStore : public storage::ObjectStore {
       const std::string& key, const storage::WriteOptions& options) override;
   absl::Status Read(const std::string& key, int64_t offset, int64_t length,
                     const storage::ByteSink& sink) override;
+  absl::Status ReadPieces(const std::string& key, int64_t offset,
+                          int64_t length, int64_t piece_bytes,
+                          const storage::PieceSink& sink) override;
   absl::StatusOr<storage::ObjectInfo> Stat(const std::string& key) override;
   absl::StatusOr<storage::ListResult> List(
       const storage::ListOptions& options) override;

@@ -190,10 +190,12 @@ absl::StatusOr<v1::PushModelResponse> RegistryService::Push(
           chunk.offset(), " but ", current->received(),
           " bytes have arrived; send chunks in order"));
     }
-    RETURN_IF_ERROR(current->Write(chunk.data()));
-    received += static_cast<int64_t>(chunk.data().size());
-    metrics_->bytes_received.Increment(
-        static_cast<double>(chunk.data().size()));
+    const int64_t size = static_cast<int64_t>(chunk.data().size());
+    // Hands the chunk's buffer over (no copy) and gets a used one back for
+    // the next message to be parsed into.
+    RETURN_IF_ERROR(current->Write(message.mutable_chunk()->mutable_data()));
+    received += size;
+    metrics_->bytes_received.Increment(static_cast<double>(size));
   }
   if (context->IsCancelled()) {
     return absl::CancelledError("the push was cancelled; nothing was stored");
@@ -287,21 +289,24 @@ absl::Status RegistryService::Pull(
   if (!writer->Write(message))
     return absl::CancelledError("the client went away");
   for (int index : selected) {
-    int64_t offset = 0;
     v1::Chunk* chunk = message.mutable_chunk();
     chunk->set_component(index);
-    RETURN_IF_ERROR(store_->ReadBlob(
-        model.components(index), [&](absl::string_view data) -> absl::Status {
+    RETURN_IF_ERROR(store_->ReadBlobChunks(
+        model.components(index),
+        [&](int64_t offset, std::string* data) -> absl::Status {
           if (context->IsCancelled()) {
             return absl::CancelledError("the client went away");
           }
           chunk->set_offset(offset);
-          chunk->set_data(data.data(), data.size());
+          // The store's buffer becomes the message's, and the message's
+          // previous one (already serialised by the last Write) goes back
+          // to be filled next: no copy of the chunk here.
+          chunk->mutable_data()->swap(*data);
           if (!writer->Write(message)) {
             return absl::CancelledError("the client went away");
           }
-          offset += static_cast<int64_t>(data.size());
-          metrics_->bytes_sent.Increment(static_cast<double>(data.size()));
+          metrics_->bytes_sent.Increment(
+              static_cast<double>(chunk->data().size()));
           return absl::OkStatus();
         }));
   }

@@ -98,7 +98,7 @@ class RegistryServiceTest : public ::testing::Test {
   }
 
   int StoredBlobs() {
-    return static_cast<int>(files_->ListAll("blobs/")->size());
+    return static_cast<int>(files_->ListAll("blobs/sha256/")->size());
   }
 
   std::string dir_;
@@ -304,6 +304,50 @@ TEST_F(RegistryServiceTest, CorruptBlobIsRefusedOnPull) {
       client.PullComponent("dogs", v->components(0).digest(), dest);
   EXPECT_TRUE(absl::IsDataLoss(s)) << s;
   EXPECT_THAT(std::string(s.message()), HasSubstr("corrupt"));
+  EXPECT_TRUE(std::filesystem::is_empty(dir_ + "/out"));
+}
+
+TEST_F(RegistryServiceTest, CorruptChunkIsNeverSentAndThePullFails) {
+  RegistryClient client(Options());
+  const std::string bytes = Bytes((3 << 20) + 5, 6);
+  auto v = client.PushFiles(Header("dogs"), {WriteFile("m.pt", bytes)});
+  ASSERT_TRUE(v.ok()) << v.status();
+  {
+    std::fstream f(
+        files_->PathOf(ModelStore::BlobKey(v->components(0).digest())),
+        std::ios::binary | std::ios::in | std::ios::out);
+    f.seekp((2 << 20) + 100);
+    f.put(static_cast<char>(bytes[(2 << 20) + 100] ^ 1));
+  }
+  // On the wire: the two chunks before the bad one, intact, then the error.
+  auto channel = MakeChannel(Options());
+  ASSERT_TRUE(channel.ok());
+  auto stub = v1::ModelRegistry::NewStub(*channel);
+  grpc::ClientContext context;
+  v1::PullModelRequest request;
+  request.set_ref("dogs:1");
+  auto reader = stub->PullModel(&context, request);
+  v1::PullModelResponse response;
+  std::string received;
+  int chunks = 0;
+  while (reader->Read(&response)) {
+    if (!response.has_chunk()) continue;
+    EXPECT_EQ(response.chunk().offset(), static_cast<int64_t>(received.size()));
+    received += response.chunk().data();
+    ++chunks;
+  }
+  grpc::Status status = reader->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::DATA_LOSS)
+      << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("chunk 2"));
+  EXPECT_EQ(chunks, 2);
+  EXPECT_EQ(received, bytes.substr(0, 2 << 20));
+
+  // The client library keeps nothing of a failed pull.
+  std::filesystem::create_directories(dir_ + "/out");
+  absl::Status s = client.PullComponent("dogs", v->components(0).digest(),
+                                        dir_ + "/out/model.pt");
+  EXPECT_TRUE(absl::IsDataLoss(s)) << s;
   EXPECT_TRUE(std::filesystem::is_empty(dir_ + "/out"));
 }
 
