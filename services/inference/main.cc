@@ -194,7 +194,7 @@ int main(int argc, char** argv) {
   }
   kennel::InitServerProcess(
       argc, argv,
-      "kennel-inference: serves an image classifier over gRPC.\n"
+      "serves an image classifier over gRPC.\n"
       "Usage: kennel-inference [--listen=HOST:PORT] "
       "(--registry=HOST:PORT --model=REF | --model-path=FILE [--labels=FILE]) "
       "[--precision=auto|fp32|bf16] [--max-batch-size=N] ...");

@@ -49,7 +49,7 @@ std::string DefaultStorage() {
 int main(int argc, char** argv) {
   kennel::InitServerProcess(
       argc, argv,
-      "kennel-registry: stores versioned models and serves them over gRPC.\n"
+      "stores versioned models and serves them over gRPC.\n"
       "Usage: kennel-registry [--listen=HOST:PORT] [--storage=URL] ...");
   auto auth = kennel::TokenAuthFromFlags();
   if (!auth.ok()) {

@@ -49,7 +49,7 @@ ABSL_FLAG(int, max_concurrent_jobs, 1,
 int main(int argc, char** argv) {
   kennel::InitServerProcess(
       argc, argv,
-      "kennel-trainer: trains and tunes image classifiers over gRPC.\n"
+      "trains and tunes image classifiers over gRPC.\n"
       "Usage: kennel-trainer [--listen=HOST:PORT] [--registry=HOST:PORT] "
       "[--data-root=DIR] [--cache-dir=DIR] [--jobs-dir=DIR] ...");
   auto auth = kennel::TokenAuthFromFlags();
