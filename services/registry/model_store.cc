@@ -109,6 +109,14 @@ class SegmentReader {
         status = sink(offset, &segment.chunks[i]);
         offset += size;
       }
+      // The sink left other buffers (usually ones it has finished with) in
+      // the chunks' place: the readers fill those next.
+      {
+        absl::MutexLock lock(&mu_);
+        for (std::string& buffer : segment.chunks) {
+          if (spare_.size() < kMaxSpare) spare_.push_back(std::move(buffer));
+        }
+      }
       if (status.ok()) status = segment.status;
     }
     {
@@ -157,15 +165,33 @@ class SegmentReader {
   absl::Status Read(int64_t number, std::vector<std::string>* chunks) {
     const int64_t offset = number * segment_bytes_;
     const int64_t length = std::min(segment_bytes_, index_->size - offset);
+    const bool last_segment = offset + length == index_->size;
     ChunkVerifier verifier(index_, offset / index_->chunk_bytes);
+    // The last segment is read to the object's end, not just to the blob's,
+    // and its last chunk is held until that end has been seen: a stored
+    // object longer than the blob is corrupt, not cut short.
+    std::string last;
     absl::Status status = store_->ReadPieces(
-        key_, offset, length, index_->chunk_bytes, [&](std::string* piece) {
+        key_, offset, last_segment ? -1 : length, index_->chunk_bytes,
+        [&](std::string* piece) {
           {
             absl::MutexLock lock(&mu_);
             if (stopping_) return absl::CancelledError("the read was stopped");
           }
           RETURN_IF_ERROR(verifier.Check(*piece));
-          chunks->push_back(std::move(*piece));
+          if (verifier.done()) {
+            last.swap(*piece);
+          } else {
+            chunks->emplace_back();
+            chunks->back().swap(*piece);
+          }
+          // Read the next piece into a used buffer, not a fresh allocation
+          // (which would be page-faulted and zeroed again).
+          absl::MutexLock lock(&mu_);
+          if (!spare_.empty()) {
+            piece->swap(spare_.back());
+            spare_.pop_back();
+          }
           return absl::OkStatus();
         });
     if (absl::IsOutOfRange(status) ||
@@ -176,6 +202,7 @@ class SegmentReader {
           "; refusing to serve it. Push the model again to "
           "repair it."));
     }
+    if (status.ok() && last_segment) chunks->push_back(std::move(last));
     return status;
   }
 
@@ -192,6 +219,9 @@ class SegmentReader {
   int64_t next_to_read_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t next_to_send_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  // Buffers handed back by the sink, for the readers to fill again.
+  static constexpr size_t kMaxSpare = 16;
+  std::vector<std::string> spare_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace
@@ -714,6 +744,26 @@ absl::Status ModelStore::ReadBlobChunks(const v1::Component& component,
     return absl::DataLossError(absl::StrCat(
         "the manifest gives blob ", component.digest(), " a negative size"));
   }
+  absl::StatusOr<std::shared_ptr<const ChunkIndex>> index = IndexFor(component);
+  absl::Status status = index.status();
+  if (status.ok()) status = SendVerified(component, **index, sink);
+  if (absl::IsNotFound(status)) {
+    return absl::DataLossError(absl::StrCat(
+        "blob ", component.digest(),
+        " is missing from storage although a manifest references it"));
+  }
+  return status;
+}
+
+absl::StatusOr<std::shared_ptr<const ChunkIndex>> ModelStore::IndexFor(
+    const v1::Component& component) {
+  {
+    absl::MutexLock lock(&index_mu_);
+    auto it = index_cache_.find(component.digest());
+    if (it != index_cache_.end() && it->second->size == component.size()) {
+      return it->second;
+    }
+  }
   absl::StatusOr<ChunkIndex> index = LoadIndex(component);
   if (absl::IsNotFound(index.status())) {
     // Pushed before indexes existed, or its index was lost: check the whole
@@ -723,20 +773,22 @@ absl::Status ModelStore::ReadBlobChunks(const v1::Component& component,
       absl::Status saved =
           store_->Put(IndexKey(component.digest()), index->Encode(), {});
       if (!saved.ok()) {
-        LOG_EVERY_N(WARNING, 100)
-            << "cannot store the chunk index of " << component.digest()
-            << " (its pulls check the whole blob first): " << saved;
+        LOG_EVERY_N(WARNING, 100) << "cannot store the chunk index of "
+                                  << component.digest() << ": " << saved;
       }
     }
   }
-  absl::Status status = index.status();
-  if (status.ok()) status = SendVerified(component, *index, sink);
-  if (absl::IsNotFound(status)) {
-    return absl::DataLossError(absl::StrCat(
-        "blob ", component.digest(),
-        " is missing from storage although a manifest references it"));
+  RETURN_IF_ERROR(index.status());
+  auto shared = std::make_shared<const ChunkIndex>(*std::move(index));
+  absl::MutexLock lock(&index_mu_);
+  if (index_cache_.emplace(component.digest(), shared).second) {
+    index_order_.push_back(component.digest());
+    while (index_order_.size() > kCachedIndexes) {
+      index_cache_.erase(index_order_.front());
+      index_order_.pop_front();
+    }
   }
-  return status;
+  return shared;
 }
 
 absl::StatusOr<ChunkIndex> ModelStore::LoadIndex(
@@ -814,17 +866,8 @@ absl::Status ModelStore::SendSegments(const v1::Component& component,
                                       const ChunkIndex& index,
                                       int64_t segment_bytes,
                                       const ChunkSink& sink) {
-  const std::string key = BlobKey(component.digest());
-  // Ranged reads would not notice bytes past the blob's end.
-  ASSIGN_OR_RETURN(storage::ObjectInfo info, store_->Stat(key));
-  if (info.size != index.size) {
-    return absl::DataLossError(absl::StrCat(
-        "blob ", component.digest(), " is corrupt in storage (", info.size,
-        " bytes, expected ", index.size,
-        "); refusing to serve it. Push the model again to repair it."));
-  }
-  SegmentReader reader(store_.get(), key, &index, segment_bytes,
-                       options_.read_parallelism);
+  SegmentReader reader(store_.get(), BlobKey(component.digest()), &index,
+                       segment_bytes, options_.read_parallelism);
   return reader.Run(sink);
 }
 

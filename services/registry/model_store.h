@@ -194,8 +194,12 @@ class ModelStore {
                                        int64_t version)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(alias_mu_);
   absl::StatusOr<int64_t> AllocateAndWrite(v1::ModelVersion* manifest);
-  // The blob's index; NOT_FOUND when it has none (or a damaged one, or
-  // one that describes other bytes).
+  // The blob's index: from memory, from storage, or made by reading the
+  // whole blob (then stored). DATA_LOSS when the blob does not match.
+  absl::StatusOr<std::shared_ptr<const ChunkIndex>> IndexFor(
+      const v1::Component& component);
+  // The blob's stored index; NOT_FOUND when it has none (or a damaged one,
+  // or one that describes other bytes).
   absl::StatusOr<ChunkIndex> LoadIndex(const v1::Component& component);
   // Reads and hashes the whole blob to make its index, failing with
   // DATA_LOSS when the blob does not match its digest.
@@ -222,6 +226,13 @@ class ModelStore {
   // Orders alias changes against version deletion, so a version cannot be
   // deleted while an alias is being pointed at it.
   absl::Mutex alias_mu_;
+  // Indexes depend only on the blob's bytes, so recently used ones are
+  // kept: a pull then starts without reading one from storage.
+  static constexpr size_t kCachedIndexes = 64;
+  absl::Mutex index_mu_;
+  std::map<std::string, std::shared_ptr<const ChunkIndex>> index_cache_
+      ABSL_GUARDED_BY(index_mu_);
+  std::deque<std::string> index_order_ ABSL_GUARDED_BY(index_mu_);
   absl::Mutex listener_mu_;
   std::function<void(const std::string&)> listener_
       ABSL_GUARDED_BY(listener_mu_);
