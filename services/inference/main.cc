@@ -84,7 +84,10 @@ ABSL_FLAG(int64_t, max_pixels, 40'000'000,
           "before decoding.");
 ABSL_FLAG(std::string, cache_dir, "/tmp/kennel-inference-cache",
           "Local cache of model files by digest, so restarts and repeated "
-          "versions do not download again.");
+          "versions do not download again. It also remembers the last "
+          "version that served --model, which a restart serves first, so it "
+          "serves while the registry is unreachable or offers a version "
+          "that cannot serve.");
 
 namespace {
 

@@ -83,13 +83,22 @@ void ModelManager::SetOnPublished(
 
 void ModelManager::RecordFailure(const ModelCandidate& candidate,
                                  const absl::Status& status) {
-  LOG(ERROR) << "model " << Describe(candidate)
-             << " was not loaded; the previous version keeps serving: "
-             << status;
+  std::shared_ptr<const LoadedModel> serving;
+  {
+    absl::MutexLock lock(&mu_);
+    serving = current_;
+    last_error_ = absl::StrCat(Describe(candidate), ": ", status.message());
+    last_failed_version_ = candidate.version;
+  }
   if (metrics_ != nullptr) metrics_->loads_failure.Increment();
-  absl::MutexLock lock(&mu_);
-  last_error_ = absl::StrCat(Describe(candidate), ": ", status.message());
-  last_failed_version_ = candidate.version;
+  // Says what actually answers requests now, so nobody reads "keeps
+  // serving" in the log of a server that answers UNAVAILABLE.
+  LOG(ERROR) << "model " << Describe(candidate) << " was not loaded; "
+             << (serving != nullptr
+                     ? absl::StrCat(serving->name, ":", serving->version,
+                                    " keeps serving")
+                     : std::string("no version is serving"))
+             << ": " << status;
 }
 
 absl::Status ModelManager::Load(const ModelCandidate& candidate) {

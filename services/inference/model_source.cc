@@ -4,33 +4,17 @@
 #include <sys/stat.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <cstdio>
-#include <cstring>
+#include <optional>
 #include <utility>
 #include <vector>
 
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_split.h"
 #include "common/names.h"
 #include "common/status.h"
 
 namespace kennel::inference {
 namespace {
-
-absl::Status MakeDirs(const std::string& path) {
-  std::string partial;
-  for (absl::string_view part : absl::StrSplit(path, '/')) {
-    partial += std::string(part) + "/";
-    if (part.empty()) continue;
-    if (mkdir(partial.c_str(), 0755) != 0 && errno != EEXIST) {
-      return absl::InternalError(
-          absl::StrCat("cannot create ", partial, ": ", std::strerror(errno)));
-    }
-  }
-  return absl::OkStatus();
-}
 
 bool FileExists(const std::string& path) {
   struct stat st;
@@ -43,14 +27,17 @@ std::string VersionKey(const kennel::v1::ModelVersion& v) {
   return key;
 }
 
-}  // namespace
-
-std::string BlobCachePath(const std::string& cache_dir,
-                          const std::string& digest) {
-  absl::string_view hex = digest;
-  absl::ConsumePrefix(&hex, "sha256:");
-  return absl::StrCat(cache_dir, "/sha256/", hex);
+// The component that serves: the version's model, not a backbone or head.
+const kennel::v1::Component* ModelComponent(
+    const kennel::v1::ModelVersion& version) {
+  const kennel::v1::Component* model = nullptr;
+  for (const auto& c : version.components()) {
+    if (c.role() == kennel::v1::COMPONENT_ROLE_MODEL) model = &c;
+  }
+  return model;
 }
+
+}  // namespace
 
 RegistrySource::RegistrySource(Options options, ModelManager* manager)
     : options_(std::move(options)),
@@ -72,8 +59,52 @@ void RegistrySource::Stop() {
   if (thread_.joinable()) thread_.join();
 }
 
+absl::Status RegistrySource::OpenCache() {
+  ASSIGN_OR_RETURN(cache_, BlobCache::Open(options_.cache_dir));
+  return absl::OkStatus();
+}
+
+absl::Status RegistrySource::ServeLastGood() {
+  if (cache_ == nullptr) RETURN_IF_ERROR(OpenCache());
+  ASSIGN_OR_RETURN(std::optional<kennel::v1::ModelVersion> remembered,
+                   cache_->ReadLastGood(options_.client.address, options_.ref));
+  if (!remembered.has_value()) {
+    return absl::NotFoundError(absl::StrCat(
+        "no version of ", options_.ref, " from ", options_.client.address,
+        " has served from ", options_.cache_dir, " before"));
+  }
+  const std::string described =
+      absl::StrCat(remembered->name(), ":", remembered->version());
+  ModelCandidate candidate;
+  RETURN_IF_ERROR(MakeCandidate(*remembered, &candidate));
+  const std::string path = cache_->BlobPath(candidate.digest);
+  if (!FileExists(path)) {
+    return absl::NotFoundError(
+        absl::StrCat(described, ", the last version of ", options_.ref,
+                     " that served, is no longer in the cache (", path, ")"));
+  }
+  candidate.path = path;
+  LOG(INFO) << "loading " << described << ", the last version of "
+            << options_.ref << " that served, from the cache, before asking "
+            << options_.client.address << " for the current one";
+  const absl::Status loaded = manager_->Load(candidate);
+  // The cached file is damaged: drop it so the registry's copy replaces it.
+  if (absl::IsDataLoss(loaded)) std::remove(path.c_str());
+  return loaded;
+}
+
 void RegistrySource::Run() {
   if (options_.on_thread_start) options_.on_thread_start();
+  if (absl::Status s = OpenCache(); !s.ok()) {
+    LOG(ERROR) << "the model cache " << options_.cache_dir
+               << " cannot be used: " << s;
+  } else if (s = ServeLastGood();
+             absl::IsNotFound(s) || absl::IsFailedPrecondition(s)) {
+    LOG(INFO) << s.message() << "; waiting for the registry";
+  } else if (!s.ok()) {
+    LOG(WARNING) << "the last version of " << options_.ref
+                 << " that served is not serving after this restart: " << s;
+  }
   absl::Duration backoff = absl::Milliseconds(250);
   const absl::Duration max_backoff = absl::Seconds(10);
   while (true) {
@@ -118,15 +149,41 @@ absl::StatusOr<std::string> RegistrySource::Fetch(
     const kennel::v1::ModelVersion& version,
     const kennel::v1::Component& component) {
   RETURN_IF_ERROR(ValidateDigest(component.digest()));
-  const std::string path =
-      BlobCachePath(options_.cache_dir, component.digest());
+  if (cache_ == nullptr) RETURN_IF_ERROR(OpenCache());
+  const std::string path = cache_->BlobPath(component.digest());
   if (FileExists(path)) return path;
-  RETURN_IF_ERROR(MakeDirs(options_.cache_dir + "/sha256"));
   const std::string ref = absl::StrCat(version.name(), ":", version.version());
   LOG(INFO) << "downloading " << ref << " (" << component.size()
             << " bytes) into " << path;
   RETURN_IF_ERROR(client_.PullComponent(ref, component.digest(), path));
   return path;
+}
+
+absl::Status RegistrySource::MakeCandidate(
+    const kennel::v1::ModelVersion& version, ModelCandidate* candidate) const {
+  candidate->source = options_.ref;
+  candidate->name = version.name();
+  candidate->version = version.version();
+  candidate->labels.assign(version.labels().begin(), version.labels().end());
+  if (version.has_preprocessing()) {
+    candidate->preprocessing = version.preprocessing();
+  }
+  candidate->manifest_precision = version.precision();
+  candidate->aliases.assign(version.aliases().begin(), version.aliases().end());
+  const kennel::v1::Component* model = ModelComponent(version);
+  if (model == nullptr) {
+    return absl::InvalidArgumentError(
+        "the version has no model component (a backbone or head alone "
+        "cannot serve)");
+  }
+  if (!model->format().empty() && model->format() != "torchscript") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the model component's format is \"", model->format(),
+                     "\"; only torchscript can serve"));
+  }
+  RETURN_IF_ERROR(ValidateDigest(model->digest()));
+  candidate->digest = model->digest();
+  return absl::OkStatus();
 }
 
 void RegistrySource::Handle(const kennel::v1::ModelVersion& version) {
@@ -135,42 +192,17 @@ void RegistrySource::Handle(const kennel::v1::ModelVersion& version) {
   last_handled_ = key;
 
   ModelCandidate candidate;
-  candidate.source = options_.ref;
-  candidate.name = version.name();
-  candidate.version = version.version();
-  candidate.labels.assign(version.labels().begin(), version.labels().end());
-  if (version.has_preprocessing()) {
-    candidate.preprocessing = version.preprocessing();
-  }
-  candidate.manifest_precision = version.precision();
-  candidate.aliases.assign(version.aliases().begin(), version.aliases().end());
-
-  const kennel::v1::Component* model = nullptr;
-  for (const auto& c : version.components()) {
-    if (c.role() == kennel::v1::COMPONENT_ROLE_MODEL) model = &c;
-  }
-  if (model == nullptr) {
-    manager_->RecordFailure(
-        candidate, absl::InvalidArgumentError(
-                       "the version has no model component (a backbone or "
-                       "head alone cannot serve)"));
+  if (absl::Status s = MakeCandidate(version, &candidate); !s.ok()) {
+    manager_->RecordFailure(candidate, s);
     return;
   }
-  if (!model->format().empty() && model->format() != "torchscript") {
-    manager_->RecordFailure(
-        candidate, absl::InvalidArgumentError(absl::StrCat(
-                       "the model component's format is \"", model->format(),
-                       "\"; only torchscript can serve")));
-    return;
-  }
-  candidate.digest = model->digest();
   if (auto current = manager_->Current();
       current != nullptr && current->name == candidate.name &&
       current->version == candidate.version &&
       current->digest == candidate.digest) {
-    return;  // already serving it (the watch restarted)
+    return;  // already serving it (the watch restarted, or it was restored)
   }
-  absl::StatusOr<std::string> path = Fetch(version, *model);
+  absl::StatusOr<std::string> path = Fetch(version, *ModelComponent(version));
   if (!path.ok()) {
     manager_->RecordFailure(candidate, path.status());
     // A download that failed for a passing reason is tried again when the
@@ -184,6 +216,15 @@ void RegistrySource::Handle(const kennel::v1::ModelVersion& version) {
     // The cached file is damaged: drop it so the next attempt downloads.
     std::remove(path->c_str());
     last_handled_.clear();
+  }
+  if (!loaded.ok()) return;
+  // A restart serves this version until the registry offers one that loads.
+  if (absl::Status s =
+          cache_->SaveLastGood(options_.client.address, options_.ref, version);
+      !s.ok()) {
+    LOG(WARNING) << "cannot remember " << candidate.name << ":"
+                 << candidate.version << " as the last version of "
+                 << options_.ref << " that served: " << s;
   }
 }
 

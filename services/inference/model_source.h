@@ -3,7 +3,10 @@
 // checks (NOT_SERVING) while the first model loads.
 //   RegistrySource follows a registry ref with WatchModel, downloads the
 //   model component into a local cache keyed by digest, and asks the manager
-//   to load it; it re-watches with backoff when the registry goes away.
+//   to load it; it re-watches with backoff when the registry goes away. It
+//   remembers the last version that served the ref, and at start-up serves
+//   that one from the cache first, so a restart keeps serving while the
+//   registry is unreachable or its current version cannot serve.
 //   LocalFileSource serves one TorchScript file.
 #ifndef KENNEL_SERVICES_INFERENCE_MODEL_SOURCE_H_
 #define KENNEL_SERVICES_INFERENCE_MODEL_SOURCE_H_
@@ -18,6 +21,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "common/registry_client.h"
+#include "services/inference/blob_cache.h"
 #include "services/inference/model_manager.h"
 
 namespace kennel::inference {
@@ -30,10 +34,6 @@ class ModelSource {
   // Stops following and joins the thread. Idempotent.
   virtual void Stop() = 0;
 };
-
-// The cache file for a blob: DIR/sha256/<hex>.
-std::string BlobCachePath(const std::string& cache_dir,
-                          const std::string& digest);
 
 class RegistrySource : public ModelSource {
  public:
@@ -50,12 +50,26 @@ class RegistrySource : public ModelSource {
   void Start() override;
   void Stop() override;
 
+  // The steps of the source's thread, public for tests; only that thread
+  // (or a test that has not started it) calls them.
+  //
+  // Opens the cache, which removes what crashed downloads left in it.
+  absl::Status OpenCache();
+  // Loads the version that last served the ref from the cache. NOT_FOUND
+  // when none is remembered or its file is gone; else the load's status.
+  absl::Status ServeLastGood();
+  // Fetches (or finds in the cache) and loads one version the watch
+  // reported, and remembers it once it serves.
+  void Handle(const kennel::v1::ModelVersion& version);
+
  private:
   void Run();
-  // Fetches (or finds in the cache) and loads one version.
-  void Handle(const kennel::v1::ModelVersion& version);
   absl::StatusOr<std::string> Fetch(const kennel::v1::ModelVersion& version,
                                     const kennel::v1::Component& component);
+  // The candidate for `version`, with its model component's digest, or why
+  // it has no component that can serve (`candidate` is filled either way).
+  absl::Status MakeCandidate(const kennel::v1::ModelVersion& version,
+                             ModelCandidate* candidate) const;
 
   // Constant after construction.
   const Options options_;
@@ -68,6 +82,7 @@ class RegistrySource : public ModelSource {
   std::thread thread_;
 
   // Only the source's thread touches these.
+  std::unique_ptr<BlobCache> cache_;
   // The version last handed to the manager (loaded or refused), so a
   // re-watch that reports the same state does not load it again.
   std::string last_handled_;
