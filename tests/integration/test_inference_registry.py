@@ -3,7 +3,10 @@ push v2 and move the alias while 8 clients classify without pause: no
 request fails and the answers switch to v2; point the alias at a broken v3
 (wrong output width) and at a v4 that is not TorchScript: v2 keeps serving,
 and the failures show in the status and the metrics. A restart finds the
-model in the local cache and does not download it again."""
+model in the local cache and does not download it again. A restart while the
+alias points at a broken version serves the last version that served (from
+the cache, also while the registry is down), says so, and swaps to the next
+good version; it never serves what another ref served."""
 import io
 import os
 import re
@@ -200,6 +203,107 @@ class RegistryFollowingTest(unittest.TestCase):
                   "--input-size", "32", addr=registry.addr, check=True)
         kt.wait_until(lambda: self.status(stub).model_version == 2, timeout=60,
                       what="the new version after the registry came back")
+
+
+    def test_restart_serves_the_last_good_version(self):
+        tmp = tempfile.mkdtemp(dir=self.tmp)
+        registry = kt.Service("registry", f"--storage=file://{tmp}/store", workdir=tmp,
+                              metrics=False, listen=f"127.0.0.1:{kt.free_port()}").start()
+        self.addCleanup(registry.kill)
+        cache = os.path.join(tmp, "cache")
+        labels = os.path.join(tmp, "labels")
+        with open(labels, "w") as f:
+            f.write("\n".join(V1_LABELS) + "\n")
+
+        def push(path, *extra):
+            out = kt.kennel("models", "push", "lg", "--file", path, "--labels", labels,
+                            "--input-size", "32", "--json", *extra, addr=registry.addr,
+                            check=True)
+            return int(re.search(r'"version": *"?(\d+)', out.stdout).group(1))
+
+        def alias(version):
+            kt.kennel("models", "alias", "lg", "production", version, addr=registry.addr,
+                      check=True)
+
+        inference = kt.Service("inference", f"--registry={registry.addr}",
+                               "--model=lg@production", f"--cache-dir={cache}",
+                               "--precision=fp32", "--tune-batch-size=false",
+                               workdir=tmp)
+        self.addCleanup(inference.kill)
+
+        def classify():
+            stub = pb_grpc.ClassifierStub(kt.channel(inference.addr))
+            return stub.Classify(pb.ClassifyRequest(image=image_bytes(3)), timeout=30)
+
+        def status():
+            return self.status(pb_grpc.ClassifierStub(kt.channel(inference.addr)))
+
+        good1 = push(kt.export_test_model(os.path.join(tmp, "g1.pt"), 3, seed=11),
+                     "--alias", "production")
+        inference.start()
+        kt.wait_until(lambda: status().ready, timeout=60, what="v1 to load")
+        self.assertEqual(classify().model_version, good1)
+        inference.stop()
+        self.assertTrue(os.path.exists(os.path.join(cache, "last-good", "lg@production.json")))
+
+        # While it is down the alias moves to a version with four outputs for
+        # three labels, and a crash has left half a download in the cache.
+        broken = push(kt.export_test_model(os.path.join(tmp, "b2.pt"), 4, seed=12))
+        alias(broken)
+        stale = os.path.join(cache, "sha256", "ab" * 32 + ".tmp-Xy12Zw")
+        with open(stale, "wb") as f:
+            f.write(b"half a model")
+        inference.start()
+        kt.wait_until(lambda: status().last_failed_version == broken, timeout=60,
+                      what="the broken version to be refused")
+        s = status()
+        self.assertTrue(s.ready)
+        self.assertEqual((s.model_name, s.model_version), ("lg", good1))
+        self.assertEqual(s.source, "lg@production")
+        self.assertIn(f"lg:{broken}: ", s.last_error)
+        self.assertIn("labels", s.last_error)
+        self.assertEqual(classify().model_version, good1)
+        log = inference.log()
+        self.assertIn(f"loading lg:{good1}, the last version of lg@production that served, "
+                      "from the cache", log)
+        self.assertIn(f"lg:{broken} was not loaded; lg:{good1} keeps serving", log)
+        self.assertNotIn("no version is serving", log)
+        self.assertNotIn("downloading lg:1", log)
+        self.assertFalse(os.path.exists(stale), "the stale temporary file is still there")
+        metrics = inference.scrape()
+        self.assertIn('kennel_inference_model_loads_total{result="success"} 1', metrics)
+        self.assertIn('kennel_inference_model_loads_total{result="failure"} 1', metrics)
+
+        # The next good version swaps in as usual and is remembered.
+        good3 = push(kt.export_test_model(os.path.join(tmp, "g3.pt"), 3, seed=13))
+        alias(good3)
+        kt.wait_until(lambda: status().model_version == good3, timeout=60,
+                      what="the next good version")
+        self.assertEqual(status().last_failed_version, 0)
+        self.assertEqual(classify().model_version, good3)
+
+        # A restart while the registry is down serves it too.
+        registry.kill()
+        inference.stop()
+        inference.start()
+        kt.wait_until(lambda: status().ready, timeout=60, what="the remembered version")
+        self.assertEqual(status().model_version, good3)
+        self.assertEqual(classify().model_version, good3)
+        inference.wait_for_log(r"watch of lg@production .* ended", timeout=30)
+
+        # Another ref has no memory here, even of the same model.
+        other = kt.Service("inference", f"--registry={registry.addr}", "--model=lg",
+                           f"--cache-dir={cache}", "--precision=fp32",
+                           workdir=tempfile.mkdtemp(dir=tmp)).start()
+        self.addCleanup(other.kill)
+        other.wait_for_log(r"no version of lg from .* waiting for the registry", timeout=30)
+        stub = pb_grpc.ClassifierStub(kt.channel(other.addr))
+        self.assertFalse(self.status(stub).ready)
+        with self.assertRaises(grpc.RpcError) as caught:
+            stub.Classify(pb.ClassifyRequest(image=image_bytes(3)), timeout=10)
+        self.assertEqual(caught.exception.code(), grpc.StatusCode.UNAVAILABLE)
+        # The first one still serves beside it.
+        self.assertEqual(classify().model_version, good3)
 
 
 if __name__ == "__main__":
