@@ -9,8 +9,10 @@ is visible.
   (never lost, never left RUNNING), the model an earlier job registered is
   intact, and the trainer takes new jobs.
 - Inference during a model swap: it serves the alias's model after the
-  restart, its blob cache holds no half-written file, and clients saw no
-  error before the crash. A broken version does not replace a working one.
+  restart, its blob cache holds no half-written file (and the restart removes
+  the temporary files the cut downloads left), and clients saw no error
+  before the crash. A broken version does not replace a working one, and a
+  restart while the alias points at it serves the last good model.
 """
 
 import hashlib
@@ -315,6 +317,12 @@ class InferenceCrashTest(unittest.TestCase):
             inference.start()
             status = e2e.wait_serving(inference.addr, target, timeout=60)
             self.assertEqual(status.model_digest, digests[target - 1])
+            # The restart served the version that served before the crash
+            # from the cache first, and removed what the cut download left.
+            self.assertIn(f"loading m:{serving}, the last version of m@production that "
+                          "served, from the cache", inference.log())
+            self.assertEqual([n for n in os.listdir(os.path.join(cache, "sha256"))
+                              if not re.fullmatch(r"[0-9a-f]{64}", n)], [])
             delay = 0.4 * status.load_seconds
             led.note(f"v{target} load after the restart (s)", round(status.load_seconds, 2))
             response = led.call(e2e.classifier_stub(inference.addr).Classify,
@@ -343,7 +351,30 @@ class InferenceCrashTest(unittest.TestCase):
             image=e2e.image_bytes()), timeout=10)[0]
         self.assertEqual(response.model_version, serving)
         led.checked()
-        led.note("inference restarts", 2)
+
+        # A crash while the alias points at the broken version: the restart
+        # serves the last good model and reports why not the alias's.
+        inference.kill()
+        inference.start()
+        stub = e2e.classifier_stub(inference.addr)
+        kt.wait_until(lambda: stub.GetModelStatus(inference_pb2.GetModelStatusRequest(),
+                                                  timeout=5).last_failed_version == bad,
+                      timeout=60, what="the restarted inference to try the broken version")
+        status = stub.GetModelStatus(inference_pb2.GetModelStatusRequest(), timeout=5)
+        if not status.ready or status.model_version != serving:
+            led.lose(f"after a restart on a broken alias inference serves "
+                     f"{status.model_version if status.ready else 'nothing'}, not v{serving}")
+        self.assertTrue(status.ready)
+        self.assertEqual((status.model_version, status.model_digest),
+                         (serving, digests[serving - 1]))
+        self.assertIn("TorchScript", status.last_error)
+        self.assertIn(f"m:{bad} was not loaded; m:{serving} keeps serving", inference.log())
+        response = led.call(stub.Classify, inference_pb2.ClassifyRequest(
+            image=e2e.image_bytes()), timeout=10)[0]
+        self.assertEqual((response.model_version, response.model_digest),
+                         (serving, digests[serving - 1]))
+        led.checked()
+        led.note("inference restarts", 3)
         led.note("temporary files the crashes left in the blob cache", len(leftovers))
 
 
