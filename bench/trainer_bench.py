@@ -128,6 +128,10 @@ def main():
     parser.add_argument("--out", default="trainer_bench.json")
     args = parser.parse_args()
 
+    if args.classes > min(args.train, args.valid, args.test):
+        # Every split must hold every class.
+        args.classes = min(args.train, args.valid, args.test)
+        print(f"note: {args.classes} classes, so that every split holds each one", flush=True)
     root = os.path.join(args.work, "root")
     name = f"dogs-{args.train}-{args.valid}-{args.test}-{args.classes}"
     data = os.path.join(root, name)

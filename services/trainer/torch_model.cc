@@ -188,7 +188,7 @@ bool CpuHasBf16() {
 
 absl::StatusOr<std::unique_ptr<FeatureExtractor>> FeatureExtractor::Create(
     const torch::jit::Module& backbone, kennel::v1::Precision precision,
-    torch::Device device) {
+    torch::Device device, int warmup_batch, int input_size) {
   if (precision != kennel::v1::PRECISION_FP32 &&
       precision != kennel::v1::PRECISION_BF16) {
     return absl::InvalidArgumentError("feature precision must be FP32 or BF16");
@@ -206,8 +206,17 @@ absl::StatusOr<std::unique_ptr<FeatureExtractor>> FeatureExtractor::Create(
       LOG(WARNING) << "backbone cannot be frozen; running it unfrozen: "
                    << std::string(e.what()).substr(0, 200);
     }
-    return std::unique_ptr<FeatureExtractor>(
+    std::unique_ptr<FeatureExtractor> extractor(
         new FeatureExtractor(std::move(module), precision, device));
+    if (warmup_batch > 0 && input_size > 0) {
+      std::vector<float> zeros(
+          static_cast<size_t>(warmup_batch) * 3 * input_size * input_size, 0.f);
+      for (int i = 0; i < 2; ++i) {
+        auto warm = extractor->Run(zeros.data(), warmup_batch, input_size);
+        if (!warm.ok()) return warm.status();
+      }
+    }
+    return extractor;
   } catch (const std::exception& e) {
     return TorchError(absl::StatusCode::kInternal,
                       "preparing the backbone for feature extraction", e);

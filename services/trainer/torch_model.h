@@ -59,9 +59,13 @@ bool CpuHasBf16();
 class FeatureExtractor {
  public:
   // `precision` is FP32 or BF16 (not AUTO).
+  // `warmup_batch` > 0 runs two forward passes of that many images of
+  // `input_size` before returning: TorchScript profiles and optimises a
+  // frozen graph on its first runs, which would otherwise slow the first
+  // batches of a pass by seconds.
   static absl::StatusOr<std::unique_ptr<FeatureExtractor>> Create(
       const torch::jit::Module& backbone, kennel::v1::Precision precision,
-      torch::Device device);
+      torch::Device device, int warmup_batch = 0, int input_size = 0);
 
   // `pixels` holds n images of 3 x size x size floats. Returns [n, F]
   // float32 on the CPU.

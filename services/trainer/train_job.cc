@@ -114,9 +114,11 @@ class LazyExtractor {
       : prepared_(prepared), precision_(precision) {}
   absl::StatusOr<FeatureExtractor*> Get() {
     if (!extractor_) {
-      ASSIGN_OR_RETURN(extractor_,
-                       FeatureExtractor::Create(*prepared_.backbone_module,
-                                                precision_, prepared_.device));
+      const kennel::v1::Preprocessing& spec = prepared_.backbone.preprocessing;
+      ASSIGN_OR_RETURN(extractor_, FeatureExtractor::Create(
+                                       *prepared_.backbone_module, precision_,
+                                       prepared_.device, ExtractionBatch(spec),
+                                       spec.input_size()));
     }
     return extractor_.get();
   }
