@@ -220,7 +220,7 @@ class SegmentReader {
   int64_t next_to_send_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   // Buffers handed back by the sink, for the readers to fill again.
-  static constexpr size_t kMaxSpare = 16;
+  static constexpr size_t kMaxSpare = 4;
   std::vector<std::string> spare_ ABSL_GUARDED_BY(mu_);
 };
 
