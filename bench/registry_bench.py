@@ -7,12 +7,19 @@ the baseline each backend allows without the registry: `cp` of the file for
 the folder, and curl PUT/GET (SigV4) to the same S3 server. Prints MB/s,
 the registry/baseline ratio (goal: at least 0.7) and writes a JSON report.
 
-    python3 bench/registry_bench.py [--build-dir build] [--size-mb 100] [--reps 3]
+    python3 bench/registry_bench.py [--build-dir build] [--size-mb 100] [--reps 5]
+        [--compare OTHER_BUILD_DIR]
+
+With --compare, a second registry and client from another build (say, the
+binaries of an earlier commit) run beside the first on the same store kind,
+each repetition timing both in random order, so a before/after comparison on
+a busy machine sees the same load.
 """
 
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -46,7 +53,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--build-dir", default=os.path.join(SOURCE_DIR, "build"))
     parser.add_argument("--size-mb", type=int, default=100)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--compare", default="",
+                        help="another build dir whose registry and client run "
+                             "interleaved with this one's")
     parser.add_argument("--backends", default="file,s3")
     parser.add_argument("--report", default="",
                         help="write the figures as JSON here as well")
@@ -59,14 +69,52 @@ def main():
     artifact = os.path.join(tmp, "artifact.pt")
     with open(artifact, "wb") as f:
         f.write(os.urandom(size))
-    bench = kt.binary("bench/registry_bench")
+    kt.binary("bench/registry_bench")  # fails early when it is not built
+    builds = [("", os.path.abspath(args.build_dir))]
+    if args.compare:
+        builds.append((" [compare]", os.path.abspath(args.compare)))
 
-    def through_registry(addr):
+    def build_binary(build, path):
+        full = os.path.join(build, path)
+        if not os.access(full, os.X_OK):
+            raise FileNotFoundError(f"{full} is not built")
+        return full
+
+    def through_registry(addr, build=builds[0][1]):
         dest = os.path.join(tmp, "pulled.pt")
-        _, out = timed([bench, f"--addr={addr}", f"--file={artifact}", f"--out={dest}"])
+        _, out = timed([build_binary(build, "bench/registry_bench"), f"--addr={addr}",
+                        f"--file={artifact}", f"--out={dest}"])
         os.remove(dest)
         figures = json.loads(out)
         return figures["push_s"], figures["pull_s"]
+
+    def start_registries(*flags, env=None):
+        """One registry per build, each on its own store (a suffix on the URL)."""
+        started = []
+        for i, (label, build) in enumerate(builds):
+            workdir = os.path.join(tmp, f"registry{i}")
+            os.makedirs(workdir, exist_ok=True)
+            service = kt.Service("registry", *[f.format(i=i) for f in flags],
+                                 workdir=workdir, metrics=False, env=env)
+            # An absolute path is used as it is (os.path.join keeps it).
+            kt.BINARIES["registry"] = build_binary(build, "services/registry/kennel-registry")
+            try:
+                service.start()
+            finally:
+                kt.BINARIES["registry"] = "services/registry/kennel-registry"
+            cleanups.insert(0, service.stop)
+            started.append((label, build, service))
+        return started
+
+    def registry_reps(started, push_r, pull_r):
+        """Times every build once, in random order; lists are keyed by label."""
+        order = list(started)
+        random.shuffle(order)
+        for label, build, service in order:
+            push, pull = through_registry(service.addr, build)
+            push_r.setdefault(label, []).append(push)
+            pull_r.setdefault(label, []).append(pull)
+
     results = []  # (backend, direction, baseline name, baseline s, registry s)
     cleanups = []
     counter = [int(time.time())]
@@ -86,10 +134,8 @@ def main():
         backends = args.backends.split(",")
         if "file" in backends:
             store = os.path.join(tmp, "store")
-            registry = kt.Service("registry", f"--storage=file://{store}", workdir=tmp,
-                                  metrics=False).start()
-            cleanups.append(registry.stop)
-            push_b, push_r, pull_b, pull_r, dd_b = [], [], [], [], []
+            registries = start_registries(f"--storage=file://{store}{{i}}")
+            push_b, push_r, pull_b, pull_r, dd_b = [], {}, [], {}, []
             for rep in range(args.reps):
                 fresh()
                 # Copies are kept until the end, as the registry keeps its blobs.
@@ -100,15 +146,15 @@ def main():
                 # copy_file_range, which no network service can.)
                 dd_b.append(timed(["dd", f"if={artifact}", f"of={copy}.dd", "bs=1M",
                                    "conv=fdatasync", "status=none"])[0])
-                push, pull = through_registry(registry.addr)
-                push_r.append(push)
-                pull_r.append(pull)
+                registry_reps(registries, push_r, pull_r)
                 pulled = os.path.join(tmp, "pulled-cp.pt")
                 pull_b.append(timed(["cp", copy, pulled])[0])
                 os.remove(pulled)
-            median_pair("file", "push", "cp", push_b, push_r)
-            median_pair("file", "push", "dd bs=1M conv=fdatasync", dd_b, push_r)
-            median_pair("file", "pull", "cp", pull_b, pull_r)
+            for label, _ in builds:
+                median_pair("file" + label, "push", "cp", push_b, push_r[label])
+                median_pair("file" + label, "push", "dd bs=1M conv=fdatasync", dd_b,
+                            push_r[label])
+                median_pair("file" + label, "pull", "cp", pull_b, pull_r[label])
 
         if "s3" in backends:
             if shutil.which("radosgw") is None:
@@ -131,26 +177,26 @@ def main():
                         f"{creds['AWS_ACCESS_KEY_ID']}:{creds['AWS_SECRET_ACCESS_KEY']}",
                         "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD", "-sS", "--fail"]
                 timed(["curl", *sign, "-X", "PUT", f"{endpoint}/bench"])
-                registry = kt.Service(
-                    "registry", "--storage=s3://bench/registry", f"--s3-endpoint={endpoint}",
-                    "--s3-path-style", f"--spool-dir={tmp}", workdir=tmp, metrics=False,
+                registries = start_registries(
+                    "--storage=s3://bench/registry{i}", f"--s3-endpoint={endpoint}",
+                    "--s3-path-style", f"--spool-dir={tmp}",
                     env={"AWS_ACCESS_KEY_ID": creds["AWS_ACCESS_KEY_ID"],
-                         "AWS_SECRET_ACCESS_KEY": creds["AWS_SECRET_ACCESS_KEY"]}).start()
-                cleanups.insert(0, registry.stop)
-                push_b, push_r, pull_b, pull_r = [], [], [], []
+                         "AWS_SECRET_ACCESS_KEY": creds["AWS_SECRET_ACCESS_KEY"]})
+                push_b, push_r, pull_b, pull_r = [], {}, [], {}
                 for rep in range(args.reps):
                     fresh()
                     url = f"{endpoint}/bench/baseline-{rep}"
                     push_b.append(timed(["curl", *sign, "-T", artifact, url, "-o",
                                          os.devnull])[0])
-                    push, pull = through_registry(registry.addr)
-                    push_r.append(push)
-                    pull_r.append(pull)
+                    registry_reps(registries, push_r, pull_r)
                     dest = os.path.join(tmp, "pulled-curl.pt")
                     pull_b.append(timed(["curl", *sign, url, "-o", dest])[0])
                     os.remove(dest)
-                median_pair("s3 (radosgw)", "push", "curl PUT", push_b, push_r)
-                median_pair("s3 (radosgw)", "pull", "curl GET", pull_b, pull_r)
+                for label, _ in builds:
+                    median_pair("s3 (radosgw)" + label, "push", "curl PUT", push_b,
+                                push_r[label])
+                    median_pair("s3 (radosgw)" + label, "pull", "curl GET", pull_b,
+                                pull_r[label])
     finally:
         for cleanup in cleanups:
             try:
@@ -169,6 +215,8 @@ def main():
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     print("goal: ratio >= 0.70 (registry throughput / baseline on the same bytes)")
+    if args.compare:
+        print(f"[compare]: {os.path.abspath(args.compare)}, timed in the same repetitions")
     if args.report:
         with open(args.report, "w") as f:
             json.dump({"size_mb": args.size_mb, "reps": args.reps, "results": results}, f,

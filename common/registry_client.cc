@@ -7,8 +7,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <deque>
 #include <map>
 #include <set>
+#include <thread>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -60,6 +62,87 @@ absl::Status WriteAll(int fd, const char* data, size_t size,
   }
   return absl::OkStatus();
 }
+
+// Hashes the chunks of a pull on a thread of its own, so that receiving and
+// writing the next chunk overlap with hashing this one.
+class BackgroundHash {
+ public:
+  BackgroundHash() : thread_([this] { Run(); }) {}
+  ~BackgroundHash() {
+    {
+      absl::MutexLock lock(&mu_);
+      closing_ = true;
+    }
+    thread_.join();
+  }
+
+  // Takes the bytes (swapping `data` with a spare buffer); blocks while
+  // too many bytes wait to be hashed.
+  void Add(std::string* data) {
+    absl::MutexLock lock(&mu_);
+    mu_.Await(absl::Condition(
+        +[](BackgroundHash* h) ABSL_EXCLUSIVE_LOCKS_REQUIRED(h->mu_) {
+          return h->queued_bytes_ < kMaxQueuedBytes;
+        },
+        this));
+    queued_bytes_ += static_cast<int64_t>(data->size());
+    queue_.emplace_back();
+    queue_.back().swap(*data);
+    if (!spare_.empty()) {
+      data->swap(spare_.back());
+      spare_.pop_back();
+    }
+  }
+
+  // "sha256:<hex>" of everything added. Call once.
+  std::string Digest() {
+    absl::MutexLock lock(&mu_);
+    closing_ = true;
+    mu_.Await(absl::Condition(&done_));
+    return digest_;
+  }
+
+ private:
+  static constexpr int64_t kMaxQueuedBytes = int64_t{8} << 20;
+
+  void Run() {
+    Sha256 hash;
+    while (true) {
+      std::string data;
+      {
+        absl::MutexLock lock(&mu_);
+        mu_.Await(absl::Condition(
+            +[](BackgroundHash* h) ABSL_EXCLUSIVE_LOCKS_REQUIRED(h->mu_) {
+              return !h->queue_.empty() || h->closing_;
+            },
+            this));
+        if (queue_.empty()) {
+          digest_ = hash.Digest();
+          done_ = true;
+          return;
+        }
+        data.swap(queue_.front());
+        queue_.pop_front();
+      }
+      hash.Update(data);
+      absl::MutexLock lock(&mu_);
+      queued_bytes_ -= static_cast<int64_t>(data.size());
+      if (spare_.size() < 4) spare_.push_back(std::move(data));
+    }
+  }
+
+  absl::Mutex mu_;
+  std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::string> spare_ ABSL_GUARDED_BY(mu_);
+  int64_t queued_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  bool closing_ ABSL_GUARDED_BY(mu_) = false;
+  bool done_ ABSL_GUARDED_BY(mu_) = false;
+  std::string digest_ ABSL_GUARDED_BY(mu_);
+  std::thread thread_;  // last: starts once the rest is ready
+};
+
+// Pulls at least this large hash on a second thread.
+constexpr int64_t kBackgroundHashBytes = int64_t{8} << 20;
 
 template <typename Request, typename Response>
 using UnaryMethod = grpc::Status (v1::ModelRegistry::Stub::*)(
@@ -313,6 +396,9 @@ absl::Status RegistryClient::PullComponent(const std::string& ref,
   bool have_header = false;
   v1::ModelVersion header;
   Sha256 hash;
+  std::unique_ptr<BackgroundHash> background;
+  if (size >= kBackgroundHashBytes)
+    background = std::make_unique<BackgroundHash>();
   int64_t written = 0;
   absl::Status local_error;
   if (progress) progress(0, size);
@@ -337,8 +423,14 @@ absl::Status RegistryClient::PullComponent(const std::string& ref,
       local_error = s;
       break;
     }
-    hash.Update(chunk.data());
     written += static_cast<int64_t>(chunk.data().size());
+    if (background != nullptr) {
+      // The buffer comes back empty (or a used one), for the next message to
+      // be parsed into.
+      background->Add(response.mutable_chunk()->mutable_data());
+    } else {
+      hash.Update(chunk.data());
+    }
     if (progress) progress(written, size);
   }
   if (!local_error.ok()) {
@@ -354,7 +446,8 @@ absl::Status RegistryClient::PullComponent(const std::string& ref,
     return absl::DataLossError(
         absl::StrCat("received ", written, " of ", size, " bytes of ", digest));
   }
-  const std::string got = hash.Digest();
+  const std::string got =
+      background != nullptr ? background->Digest() : hash.Digest();
   if (got != digest) {
     return absl::DataLossError(
         absl::StrCat("received bytes hash to ", got, ", expected ", digest));
