@@ -122,6 +122,7 @@ def main():
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--raw-images", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--finetune-images", type=int, default=64)
     parser.add_argument("--finetune-batch", type=int, default=16)
     parser.add_argument("--skip-python", action="store_true")
@@ -160,7 +161,7 @@ def main():
         run = subprocess.run([binary, f"--data-root={root}", f"--data={name}",
                               f"--backbone={os.path.basename(backbone)}", f"--cache-dir={cache}",
                               f"--precision={precision}", f"--threads={args.threads}",
-                              f"--raw-images={args.raw_images}",
+                              f"--raw-images={args.raw_images}", f"--rounds={args.rounds}",
                               f"--finetune-images={args.finetune_images}",
                               f"--finetune-batch={args.finetune_batch}"],
                              capture_output=True, text=True)
@@ -189,7 +190,8 @@ def main():
     for r in report["runs"]:
         print(f"  {r['precision']}: raw forward {r['raw_forward_images_per_second']:.1f} img/s; "
               f"extraction {r['extraction_images_per_second']:.1f} img/s "
-              f"({r['extraction_over_raw']:.2f} of raw; goal 0.9); cached pass "
+              f"({r['extraction_over_raw']:.2f} of raw; paired rounds median "
+              f"{r['paired_median_ratio']:.2f}; goal 0.9); cached pass "
               f"{r['cached_pass_images_per_second']:.0f} img/s; head epoch "
               f"{r['head_epoch_seconds']:.3f} s on {r['head_train_size']} / "
               f"{r['head_full_epoch_seconds']:.3f} s on {r['head_full_train_size']}; fine-tune "

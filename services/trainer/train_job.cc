@@ -114,19 +114,23 @@ class LazyExtractor {
       : prepared_(prepared), precision_(precision) {}
   absl::StatusOr<FeatureExtractor*> Get() {
     if (!extractor_) {
+      const auto start = Clock::now();
       const kennel::v1::Preprocessing& spec = prepared_.backbone.preprocessing;
       ASSIGN_OR_RETURN(extractor_, FeatureExtractor::Create(
                                        *prepared_.backbone_module, precision_,
                                        prepared_.device, ExtractionBatch(spec),
                                        spec.input_size()));
+      setup_seconds_ = Seconds(start, Clock::now());
     }
     return extractor_.get();
   }
+  double setup_seconds() const { return setup_seconds_; }
 
  private:
   const PreparedSpec& prepared_;
   const Precision precision_;
   std::unique_ptr<FeatureExtractor> extractor_;
+  double setup_seconds_ = 0;
 };
 
 absl::StatusOr<SplitFeatures> ExtractSplit(
@@ -788,6 +792,7 @@ absl::StatusOr<Extraction> ExtractFeatures(const PreparedSpec& prepared,
   out.cache_hits = cache.hits();
   out.cache_misses = cache.misses();
   out.seconds = Seconds(start, Clock::now());
+  out.setup_seconds = extractor.setup_seconds();
   context.Log(absl::StrFormat(
       "features ready: %d image(s) in %.1f s (%d cached, %d computed in %s)",
       out.content_digests.size(), out.seconds, out.cache_hits, out.cache_misses,

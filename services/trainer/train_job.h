@@ -82,6 +82,9 @@ struct Extraction {
   int64_t cache_hits = 0;
   int64_t cache_misses = 0;
   double seconds = 0;
+  // Of `seconds`, the time spent preparing the backbone (copy, freeze,
+  // warm-up) before the first batch; zero when every feature was cached.
+  double setup_seconds = 0;
 };
 
 // The precision of the backbone pass: the requested one, or for AUTO bf16
