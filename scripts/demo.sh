@@ -98,7 +98,7 @@ echo "small CNN backbone for 28x28 images: $(du -h "$DATA/small_cnn.pt" | cut -f
 
 step "3. Train through the trainer, register fashion:1 and alias it production"
 run kennel train --addr $TRAINER --data fashion --backbone small_cnn.pt \
-  --mode finetune --lr 0.003 --batch-size 64 --epochs 3 \
+  --mode finetune --lr 0.003 --batch-size 64 --epochs 3 --unaugmented-share 0.5 \
   --register-as fashion --alias production
 
 step "4. Inference picks the model up by itself"
@@ -106,10 +106,9 @@ wait_healthy $INFERENCE kennel-inference 60
 samples=()
 for class_dir in "$DATA"/fashion/test/*/; do
   files=("$class_dir"*.png)
-  samples+=("${files[0]}")
+  samples+=("${files[0]#$DATA/fashion/test/}")
 done
-run kennel classify --addr $INFERENCE --top-k 1 "${samples[@]}" |
-  sed "s|$DATA/fashion/test/||"
+(cd "$DATA/fashion/test" && run kennel classify --addr $INFERENCE --top-k 1 "${samples[@]}")
 
 echo
 echo "Test-set accuracy through the inference service (every test image, one request each):"
@@ -143,7 +142,7 @@ v2=$(acc fashion:2)
 echo
 echo "test accuracy: fashion:1 $v1, fashion:2 $v2"
 
-probe="${samples[0]}"
+probe="$DATA/fashion/test/${samples[0]}"
 (
   n=0
   while :; do
