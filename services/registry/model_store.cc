@@ -326,22 +326,39 @@ absl::Status BlobUpload::StopWriting(bool discard) {
 }
 
 absl::Status BlobUpload::Finish() {
-  RETURN_IF_ERROR(StopWriting(/*discard=*/false));
   if (received_ != size_) {
+    (void)StopWriting(/*discard=*/true);
     return absl::InvalidArgumentError(absl::StrCat(
         "blob ", digest_, " ended after ", received_, " of its ", size_,
         " declared bytes (a truncated push); nothing was stored"));
   }
   const ChunkIndex index = hash_.Finish();
   if (index.digest != digest_) {
+    (void)StopWriting(/*discard=*/true);
     return absl::InvalidArgumentError(
         absl::StrCat("the bytes sent for ", digest_, " hash to ", index.digest,
                      "; nothing was stored"));
   }
-  RETURN_IF_ERROR(writer_->Commit());
-  // Only speeds up reads: without it a pull checks the whole blob first
-  // and writes the index then.
-  absl::Status indexed = store_->Put(index_key_, index.Encode(), {});
+  // The index only speeds up reads (without it a pull checks the whole blob
+  // first and writes the index then). A large blob's is written while the
+  // blob's last bytes are stored and published: an index whose blob never
+  // appears is harmless, and gc removes it.
+  absl::Status indexed;
+  auto write_index = [&] {
+    indexed = store_->Put(index_key_, index.Encode(), {});
+  };
+  std::unique_ptr<std::thread> indexing;
+  if (writing_ != nullptr) {
+    indexing = std::make_unique<std::thread>(write_index);
+  }
+  absl::Status stored = StopWriting(/*discard=*/false);
+  if (stored.ok()) stored = writer_->Commit();
+  if (indexing != nullptr) {
+    indexing->join();
+  } else if (stored.ok()) {
+    write_index();
+  }
+  RETURN_IF_ERROR(stored);
   if (!indexed.ok()) {
     LOG(WARNING) << "stored blob " << digest_
                  << " but not its chunk index (it will be made on the first "
