@@ -1,7 +1,7 @@
-// registry_bench: a push and a pull (or either) of a file through kennel-registry
-// with the shared RegistryClient, timed inside the process (so process
-// start-up is not counted). Prints one JSON line. bench/registry_bench.py
-// runs it beside the baselines; see bench/README.md.
+// registry_bench: a push and a pull (or either) of a file through
+// kennel-registry with the shared RegistryClient, timed inside the process (so
+// process start-up is not counted). Prints one JSON line.
+// bench/registry_bench.py runs it beside the baselines; see bench/README.md.
 #include <sys/stat.h>
 
 #include <cstdio>
@@ -25,7 +25,8 @@ ABSL_FLAG(std::string, ref, "",
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "registry_bench --addr HOST:PORT --file ARTIFACT [--out PULLED]\n"
+      "times a push and a pull through kennel-registry.\n"
+      "Usage: registry_bench --addr HOST:PORT --file ARTIFACT [--out PULLED]\n"
       "       registry_bench --addr HOST:PORT --ref NAME:VERSION --out PULLED");
   absl::ParseCommandLine(argc, argv);
   const std::string file = absl::GetFlag(FLAGS_file);
