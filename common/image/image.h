@@ -100,7 +100,8 @@ cv::Mat SyntheticImage(int width, int height, uint64_t seed);
 kennel::v1::Preprocessing ImageNetPreprocessing();
 
 // INVALID_ARGUMENT unless the spec is usable (input_size in 1..4096, mean and
-// std empty or 3 values, std non-zero, resize >= input_size when cropping).
+// std empty or 3 values, std non-zero, resize >= input_size when cropping):
+// the rules of common/preprocessing.h, which the registry applies too.
 absl::Status ValidatePreprocessing(const kennel::v1::Preprocessing& spec);
 
 }  // namespace kennel::image

@@ -17,6 +17,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
+#include "common/preprocessing.h"
 #include "common/status.h"
 
 namespace kennel::registry {
@@ -30,6 +31,41 @@ constexpr int64_t kMaxVersion = 99999999;  // eight digits sort as numbers
 constexpr int kMaxLabels = 100000;
 constexpr size_t kMaxLabelBytes = 256;
 constexpr size_t kMaxDescriptionBytes = 64 << 10;
+constexpr absl::string_view kTorchScript = "torchscript";
+
+// Strict UTF-8: no overlong forms, no surrogates, nothing past U+10FFFF.
+bool IsUtf8(absl::string_view s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    int extra;
+    uint32_t code;
+    uint32_t min;
+    if (c < 0x80) {
+      ++i;
+      continue;
+    } else if ((c & 0xE0) == 0xC0) {
+      extra = 1, code = c & 0x1F, min = 0x80;
+    } else if ((c & 0xF0) == 0xE0) {
+      extra = 2, code = c & 0x0F, min = 0x800;
+    } else if ((c & 0xF8) == 0xF0) {
+      extra = 3, code = c & 0x07, min = 0x10000;
+    } else {
+      return false;
+    }
+    if (i + extra >= s.size()) return false;  // cut short
+    for (int k = 1; k <= extra; ++k) {
+      const unsigned char next = static_cast<unsigned char>(s[i + k]);
+      if ((next & 0xC0) != 0x80) return false;
+      code = (code << 6) | (next & 0x3F);
+    }
+    if (code < min || code > 0x10FFFF || (code >= 0xD800 && code <= 0xDFFF)) {
+      return false;
+    }
+    i += extra + 1;
+  }
+  return true;
+}
 
 void SetNow(google::protobuf::Timestamp* ts) {
   const absl::Time now = absl::Now();
@@ -447,14 +483,17 @@ absl::Status ModelStore::ValidateHeader(const v1::PushHeader& header) const {
                      " components, not ", header.components_size()));
   }
   std::map<std::string, int64_t> sizes;
+  int models = 0;
   for (int i = 0; i < header.components_size(); ++i) {
     const v1::ComponentSpec& c = header.components(i);
     RETURN_IF_ERROR(
         Annotate(ValidateDigest(c.digest()), absl::StrCat("component ", i)));
     if (!v1::ComponentRole_IsValid(c.role())) {
       return absl::InvalidArgumentError(
-          absl::StrCat("component ", i, " has an unknown role ", c.role()));
+          absl::StrCat("component ", i, " has an unknown role ", c.role(),
+                       " (use COMPONENT_ROLE_MODEL, _BACKBONE or _HEAD)"));
     }
+    if (c.role() == v1::COMPONENT_ROLE_MODEL) ++models;
     if (c.size() < 0 || c.size() > options_.max_component_bytes) {
       return absl::InvalidArgumentError(absl::StrCat(
           "component ", i, " has size ", c.size(), "; sizes run from 0 to ",
@@ -471,21 +510,65 @@ absl::Status ModelStore::ValidateHeader(const v1::PushHeader& header) const {
           absl::StrCat("component ", i,
                        " has an invalid format (use up to 32 of a-z 0-9 - _)"));
     }
+    // Nothing that reads the registry can load another format, so a version
+    // with one could never serve.
+    if (!c.format().empty() && c.format() != kTorchScript) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "component ", i, " has format \"", c.format(),
+          "\"; the only format is \"", kTorchScript, "\" (or leave it empty)"));
+    }
+    if (c.role() == v1::COMPONENT_ROLE_MODEL && c.size() == 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "component ", i,
+          " (the model) is empty; push the TorchScript file itself"));
+    }
     auto [it, inserted] = sizes.emplace(c.digest(), c.size());
     if (!inserted && it->second != c.size()) {
       return absl::InvalidArgumentError(absl::StrCat(
           "digest ", c.digest(), " is declared with two different sizes"));
     }
   }
+  if (models != 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a push needs exactly one component with role COMPONENT_ROLE_MODEL "
+        "(the TorchScript classifier inference loads), not ",
+        models));
+  }
   if (header.labels_size() > kMaxLabels) {
     return absl::InvalidArgumentError(
         absl::StrCat("at most ", kMaxLabels, " labels"));
   }
-  for (const std::string& label : header.labels()) {
+  // Labels name the model's outputs by index: one that is empty, unreadable
+  // or repeated leaves a class no answer could name.
+  std::map<absl::string_view, int> seen_labels;
+  for (int i = 0; i < header.labels_size(); ++i) {
+    const std::string& label = header.labels(i);
+    if (label.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("label ", i, " is empty; every class needs a name"));
+    }
     if (label.size() > kMaxLabelBytes) {
       return absl::InvalidArgumentError(
-          absl::StrCat("labels have at most ", kMaxLabelBytes, " bytes each"));
+          absl::StrCat("label ", i, " has ", label.size(),
+                       " bytes; labels have at most ", kMaxLabelBytes));
     }
+    if (!IsUtf8(label)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("label ", i, " is not valid UTF-8"));
+    }
+    auto [it, inserted] = seen_labels.emplace(label, i);
+    if (!inserted) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "labels ", it->second, " and ", i, " are the same",
+          label.size() <= 64 ? absl::StrCat(" (\"", label, "\")") : "",
+          "; each class needs its own name"));
+    }
+  }
+  if (header.has_preprocessing()) {
+    RETURN_IF_ERROR(Annotate(
+        preprocessing::Validate(header.preprocessing()),
+        "the push's preprocessing cannot be applied (leave it unset to use "
+        "the model file's own)"));
   }
   if (header.description().size() > kMaxDescriptionBytes) {
     return absl::InvalidArgumentError(absl::StrCat(

@@ -6,12 +6,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <random>
 #include <set>
 #include <thread>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/sha256.h"
@@ -355,11 +357,18 @@ TEST_P(ModelStoreTest, ChunksArriveWhole) {
                           std::make_pair(int64_t{2} << 20, size_t{5})));
   EXPECT_EQ(joined, good);
 
-  // An empty blob is read as nothing, successfully.
-  auto empty = Push("empty", "");
+  // An empty blob (here a head beside the model; an empty model is
+  // refused) is read as nothing, successfully.
+  PutBlob("model");
+  v1::PushHeader with_empty = Header("empty", "model");
+  v1::ComponentSpec* head = with_empty.add_components();
+  head->set_role(v1::COMPONENT_ROLE_HEAD);
+  head->set_digest(PutBlob(""));
+  head->set_size(0);
+  auto empty = store_->Commit(with_empty);
   ASSERT_TRUE(empty.ok()) << empty.status();
   absl::Status status;
-  EXPECT_EQ(ReadBlob(empty->components(0), &status), "");
+  EXPECT_EQ(ReadBlob(empty->components(1), &status), "");
   EXPECT_TRUE(status.ok()) << status;
 }
 
@@ -613,8 +622,77 @@ TEST_P(ModelStoreTest, BadHeadersAreRefusedWithoutTouchingStorage) {
   add("oversized header", [](v1::PushHeader& h) {
     for (int i = 0; i < 6000; ++i) h.add_labels(std::string(200, 'l'));
   });
+  // Versions that could be stored but never served.
+  add("empty label", [](v1::PushHeader& h) { h.add_labels(""); });
+  add("duplicate label", [](v1::PushHeader& h) { h.add_labels("cat"); });
+  add("long label",
+      [](v1::PushHeader& h) { h.add_labels(std::string(300, 'l')); });
+  for (const char* bytes :
+       {"\xff", "caf\xc3", "\xc0\xaf", "\xed\xa0\x80", "\xf4\x90\x80\x80",
+        "a\x80"
+        "b"}) {
+    add(absl::StrCat("label not UTF-8: ", absl::CHexEscape(bytes)),
+        [bytes](v1::PushHeader& h) { h.add_labels(bytes); });
+  }
+  auto preprocessing = [&](const std::string& what, auto edit) {
+    add("preprocessing: " + what, [edit](v1::PushHeader& h) {
+      v1::Preprocessing* p = h.mutable_preprocessing();
+      p->set_input_size(224);
+      p->set_resize(256);
+      edit(*p);
+    });
+  };
+  preprocessing("unset (input_size 0)",
+                [](v1::Preprocessing& p) { p.set_input_size(0); });
+  preprocessing("input_size -3",
+                [](v1::Preprocessing& p) { p.set_input_size(-3); });
+  preprocessing("input_size 2^30",
+                [](v1::Preprocessing& p) { p.set_input_size(1 << 30); });
+  preprocessing("std 0", [](v1::Preprocessing& p) {
+    for (float v : {0.5f, 0.5f, 0.5f}) p.add_mean(v);
+    for (float v : {0.2f, 0.0f, 0.2f}) p.add_std(v);
+  });
+  preprocessing("std NaN", [](v1::Preprocessing& p) {
+    for (float v : {0.2f, NAN, 0.2f}) p.add_std(v);
+  });
+  preprocessing("two means", [](v1::Preprocessing& p) {
+    p.add_mean(0.5f);
+    p.add_mean(0.5f);
+  });
+  preprocessing("four stds", [](v1::Preprocessing& p) {
+    for (int i = 0; i < 4; ++i) p.add_std(0.2f);
+  });
+  preprocessing("resize below input_size",
+                [](v1::Preprocessing& p) { p.set_resize(200); });
+  preprocessing("resize -1", [](v1::Preprocessing& p) { p.set_resize(-1); });
+  preprocessing("unknown resize mode", [](v1::Preprocessing& p) {
+    p.set_resize_mode(static_cast<v1::ResizeMode>(9));
+  });
+  preprocessing("unknown colour order", [](v1::Preprocessing& p) {
+    p.set_color_order(static_cast<v1::ColorOrder>(7));
+  });
+  add("unknown role", [](v1::PushHeader& h) {
+    h.mutable_components(0)->set_role(static_cast<v1::ComponentRole>(77));
+  });
+  add("unknown format",
+      [](v1::PushHeader& h) { h.mutable_components(0)->set_format("onnx"); });
+  add("no model component", [](v1::PushHeader& h) {
+    h.mutable_components(0)->set_role(v1::COMPONENT_ROLE_BACKBONE);
+  });
+  add("two model components", [](v1::PushHeader& h) {
+    v1::ComponentSpec* c = h.add_components();
+    c->set_digest(Sha256Digest("y"));
+    c->set_size(1);
+  });
+  add("empty model", [](v1::PushHeader& h) {
+    h.mutable_components(0)->set_digest(Sha256Digest(""));
+    h.mutable_components(0)->set_size(0);
+  });
   for (const auto& [what, header] : cases) {
-    absl::Status s = store_->Commit(header).status();
+    absl::Status s = store_->ValidateHeader(header);
+    EXPECT_TRUE(absl::IsInvalidArgument(s)) << what << ": " << s;
+    EXPECT_FALSE(s.message().empty()) << what;
+    s = store_->Commit(header).status();
     EXPECT_TRUE(absl::IsInvalidArgument(s)) << what << ": " << s;
   }
   EXPECT_TRUE(
@@ -626,6 +704,37 @@ TEST_P(ModelStoreTest, BadHeadersAreRefusedWithoutTouchingStorage) {
     EXPECT_EQ(memory_->object_count(), 0);
     EXPECT_TRUE(absl::IsUnavailable(store_->Resolve("dogs").status()));
   }
+}
+
+TEST_P(ModelStoreTest, HeadersTheTrainerAndTheCliSendAreAccepted) {
+  v1::PushHeader header = Header("dogs", "x");
+  header.mutable_components(0)->set_format("torchscript");
+  header.add_labels("caf\xc3\xa9");
+  header.add_labels("\xe7\x8b\x97");
+  header.add_labels("\xf0\x9f\x90\x95");
+  v1::Preprocessing* p = header.mutable_preprocessing();
+  p->set_input_size(224);
+  p->set_resize(256);
+  for (float v : {0.485f, 0.456f, 0.406f}) p->add_mean(v);
+  for (float v : {0.229f, 0.224f, 0.225f}) p->add_std(v);
+  absl::Status s = store_->ValidateHeader(header);
+  EXPECT_TRUE(s.ok()) << s;
+  // Resize 0 means input_size; stretching needs no resize; labels may be
+  // left to the model file, and so may the preprocessing.
+  p->set_resize(0);
+  EXPECT_TRUE(store_->ValidateHeader(header).ok());
+  p->set_resize_mode(v1::RESIZE_MODE_STRETCH);
+  p->set_color_order(v1::COLOR_ORDER_BGR);
+  EXPECT_TRUE(store_->ValidateHeader(header).ok());
+  header.clear_labels();
+  header.clear_preprocessing();
+  EXPECT_TRUE(store_->ValidateHeader(header).ok());
+  // A backbone and a head may travel beside the model.
+  v1::ComponentSpec* backbone = header.add_components();
+  backbone->set_role(v1::COMPONENT_ROLE_BACKBONE);
+  backbone->set_digest(Sha256Digest("backbone"));
+  backbone->set_size(8);
+  EXPECT_TRUE(store_->ValidateHeader(header).ok());
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, ModelStoreTest,

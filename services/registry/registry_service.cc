@@ -129,7 +129,10 @@ absl::StatusOr<v1::PushModelResponse> RegistryService::Push(
   v1::PushModelRequest message;
   if (!reader->Read(&message)) {
     if (context->IsCancelled()) return absl::CancelledError("push cancelled");
-    return absl::InvalidArgumentError("the push ended before its header");
+    // gRPC also ends the reads when a message cannot be parsed.
+    return absl::InvalidArgumentError(
+        "the push ended before its header, or its header could not be "
+        "parsed (text fields such as labels must be UTF-8)");
   }
   if (!message.has_header()) {
     return absl::InvalidArgumentError(

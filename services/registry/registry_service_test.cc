@@ -436,7 +436,7 @@ TEST_F(RegistryServiceTest, SlowWatcherGetsTheNewestStateNotABacklog) {
   // Big manifests, so unread states fill the transport's buffers quickly.
   v1::PushHeader header = Header("big");
   for (int i = 0; i < 4000; ++i)
-    header.add_labels(std::string(220, 'a' + i % 26));
+    header.add_labels(absl::StrCat(i, std::string(216, 'a' + i % 26)));
   for (int i = 0; i < 4; ++i) {
     ASSERT_TRUE(
         client.PushFiles(header, {WriteFile("m", absl::StrCat(i))}).ok());
