@@ -10,6 +10,20 @@
 #include "common/storage/s3_store.h"
 
 namespace kennel::storage {
+namespace {
+
+thread_local std::shared_ptr<const CallLimits> current_limits;
+
+}  // namespace
+
+std::shared_ptr<const CallLimits> CurrentCallLimits() { return current_limits; }
+
+ScopedCallLimits::ScopedCallLimits(std::shared_ptr<const CallLimits> limits)
+    : previous_(std::move(current_limits)) {
+  current_limits = std::move(limits);
+}
+
+ScopedCallLimits::~ScopedCallLimits() { current_limits = std::move(previous_); }
 
 absl::Status ValidateKey(absl::string_view key) {
   bool ok = !key.empty() && key.size() <= 1024;

@@ -58,6 +58,37 @@ struct WriteOptions {
   std::string sha256_hex;
 };
 
+// What a request asks of the storage calls made on its behalf: to end by its
+// deadline and to stop once its caller has gone. A thread's calls follow the
+// limits installed on it with ScopedCallLimits; a thread that works for a
+// request (a part upload, a segment read) installs the request's limits,
+// taken from CurrentCallLimits() where it was started. Calls made with none
+// (start-up, background work) follow the store's own retry policy alone.
+struct CallLimits {
+  // Calls still failing at this time give up with UNAVAILABLE. A caller that
+  // must answer by a deadline sets this a little before it.
+  absl::Time deadline = absl::InfiniteFuture();
+  // True once the caller has gone; calls then stop with CANCELLED. May be
+  // empty; called from any thread that works for the request.
+  std::function<bool()> cancelled;
+};
+
+// The limits installed on this thread; null when there are none.
+std::shared_ptr<const CallLimits> CurrentCallLimits();
+
+// Installs `limits` (null for none) on this thread for its lifetime, and
+// restores the previous ones after.
+class ScopedCallLimits {
+ public:
+  explicit ScopedCallLimits(std::shared_ptr<const CallLimits> limits);
+  ~ScopedCallLimits();
+  ScopedCallLimits(const ScopedCallLimits&) = delete;
+  ScopedCallLimits& operator=(const ScopedCallLimits&) = delete;
+
+ private:
+  std::shared_ptr<const CallLimits> previous_;
+};
+
 // Receives the bytes of a read in order; an error stops the read and is
 // returned from it.
 using ByteSink = std::function<absl::Status(absl::string_view)>;
@@ -145,7 +176,8 @@ struct S3Settings {
   // Part uploads in flight at once per object.
   int part_parallelism = 4;
   // One request is tried this many times in all (5xx and connection
-  // errors only), backing off from 100 ms, within `retry_budget`.
+  // errors only), backing off from 100 ms, within `retry_budget` and the
+  // CallLimits deadline, whichever ends first.
   int max_attempts = 5;
   absl::Duration retry_budget = absl::Seconds(15);
   absl::Duration connect_timeout = absl::Seconds(3);

@@ -107,7 +107,29 @@ struct Transfer {
   int code_checked = 0;  // 0 unknown, 1 to sink, 2 to body
   absl::Status sink_status;
   absl::Status read_status;
+  // The caller's limits, when it can cancel; asked at most every
+  // kCancelCheck (curl reports progress far more often while bytes move).
+  const CallLimits* limits = nullptr;
+  absl::Time next_cancel_check = absl::InfinitePast();
+  bool cancelled = false;
 };
+
+constexpr absl::Duration kCancelCheck = absl::Milliseconds(100);
+
+bool CallerCancelled(const CallLimits* limits) {
+  return limits != nullptr && limits->cancelled && limits->cancelled();
+}
+
+// curl calls this about once a second while a transfer waits, and after
+// each piece it moves; a non-zero return aborts the transfer.
+int Progress(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t) {
+  auto* t = static_cast<Transfer*>(user);
+  const absl::Time now = absl::Now();
+  if (now < t->next_cancel_check) return 0;
+  t->next_cancel_check = now + kCancelCheck;
+  t->cancelled = CallerCancelled(t->limits);
+  return t->cancelled ? 1 : 0;
+}
 
 size_t ReadBody(char* buffer, size_t size, size_t count, void* user) {
   auto* t = static_cast<Transfer*>(user);
@@ -318,11 +340,32 @@ void S3Store::ReleaseHandle(CURL* handle) {
 }
 
 absl::StatusOr<S3Store::Response> S3Store::Perform(Request request) {
-  const absl::Time deadline = absl::Now() + settings_.retry_budget;
+  // A caller's deadline ends each attempt (curl's timeout) and the retries;
+  // without one, a hung server is left by the stall timeout and retried
+  // within the budget.
+  const std::shared_ptr<const CallLimits> limits = CurrentCallLimits();
+  const absl::Time call_deadline =
+      limits != nullptr ? limits->deadline : absl::InfiniteFuture();
+  const bool has_deadline = call_deadline != absl::InfiniteFuture();
+  const absl::Time deadline =
+      std::min(absl::Now() + settings_.retry_budget, call_deadline);
   absl::Duration backoff = absl::Milliseconds(100);
   const std::string what =
       request.key.empty() ? absl::StrCat(request.op, " on bucket ", bucket_)
                           : absl::StrCat(request.op, " ", request.key);
+  const auto cancelled_error = [&] {
+    return absl::CancelledError(
+        absl::StrCat("the caller went away; S3 ", what, " was stopped"));
+  };
+  const auto out_of_time = [&](int attempts, const std::string& last_error) {
+    return absl::UnavailableError(absl::StrCat(
+        "S3 did not answer within the deadline of the call: ", what, " at ",
+        settings_.endpoint,
+        attempts == 0
+            ? absl::StrCat(" was not tried (no time was left)")
+            : absl::StrCat(": ", last_error, " (", attempts,
+                           attempts == 1 ? " attempt)" : " attempts)")));
+  };
   Response response;
   std::string transport_error;
   int attempt = 0;
@@ -332,6 +375,14 @@ absl::StatusOr<S3Store::Response> S3Store::Perform(Request request) {
     if (request.fd < 0) request.payload_hash = Sha256Hex(request.data);
   }
   while (true) {
+    if (CallerCancelled(limits.get())) return cancelled_error();
+    const absl::Time attempt_start = absl::Now();
+    if (attempt_start >= call_deadline) {
+      return out_of_time(attempt,
+                         transport_error.empty()
+                             ? absl::StrCat("HTTP ", response.http_code)
+                             : transport_error);
+    }
     ++attempt;
     response = Response();
     transport_error.clear();
@@ -342,6 +393,7 @@ absl::StatusOr<S3Store::Response> S3Store::Perform(Request request) {
     t.request = &request;
     t.handle = handle;
     t.response = &response;
+    t.limits = limits.get();
     char error_buffer[CURL_ERROR_SIZE] = {0};
     curl_slist* headers = nullptr;
     headers = curl_slist_append(
@@ -372,9 +424,21 @@ absl::StatusOr<S3Store::Response> S3Store::Perform(Request request) {
       curl_easy_setopt(handle, CURLOPT_USERNAME, settings_.access_key.c_str());
       curl_easy_setopt(handle, CURLOPT_PASSWORD, settings_.secret_key.c_str());
     }
-    curl_easy_setopt(handle, CURLOPT_CONNECTTIMEOUT_MS,
-                     static_cast<long>(
-                         absl::ToInt64Milliseconds(settings_.connect_timeout)));
+    absl::Duration connect_timeout = settings_.connect_timeout;
+    if (has_deadline) {
+      const absl::Duration left = call_deadline - attempt_start;
+      connect_timeout = std::min(connect_timeout, left);
+      curl_easy_setopt(handle, CURLOPT_TIMEOUT_MS,
+                       std::max<long>(1, absl::ToInt64Milliseconds(left)));
+    }
+    curl_easy_setopt(
+        handle, CURLOPT_CONNECTTIMEOUT_MS,
+        std::max<long>(1, absl::ToInt64Milliseconds(connect_timeout)));
+    if (limits != nullptr && limits->cancelled) {
+      curl_easy_setopt(handle, CURLOPT_NOPROGRESS, 0L);
+      curl_easy_setopt(handle, CURLOPT_XFERINFOFUNCTION, &Progress);
+      curl_easy_setopt(handle, CURLOPT_XFERINFODATA, &t);
+    }
     curl_easy_setopt(handle, CURLOPT_LOW_SPEED_LIMIT, 1L);
     curl_easy_setopt(
         handle, CURLOPT_LOW_SPEED_TIME,
@@ -435,6 +499,7 @@ absl::StatusOr<S3Store::Response> S3Store::Perform(Request request) {
 
     if (!t.sink_status.ok()) return t.sink_status;
     if (!t.read_status.ok()) return t.read_status;
+    if (t.cancelled) return cancelled_error();
     bool retry = false;
     if (code != CURLE_OK) {
       transport_error =
@@ -456,8 +521,13 @@ absl::StatusOr<S3Store::Response> S3Store::Perform(Request request) {
     }
     const absl::Duration jittered =
         backoff * (0.5 + (std::random_device{}() % 1000) / 1000.0);
-    if (!retry || attempt >= settings_.max_attempts ||
-        absl::Now() + jittered > deadline) {
+    if (!retry || attempt >= settings_.max_attempts) break;
+    if (absl::Now() + jittered > deadline) {
+      // Said as such when the caller's deadline, not the budget, ended it.
+      if (has_deadline && absl::Now() + jittered > call_deadline &&
+          !transport_error.empty()) {
+        return out_of_time(attempt, transport_error);
+      }
       break;
     }
     VLOG(1) << "S3 " << what << ": attempt " << attempt << " failed ("
@@ -465,7 +535,11 @@ absl::StatusOr<S3Store::Response> S3Store::Perform(Request request) {
                     ? absl::StrCat("HTTP ", response.http_code)
                     : transport_error)
             << "); retrying in " << jittered;
-    absl::SleepFor(jittered);
+    // In slices, so a caller that goes away is not kept waiting.
+    for (absl::Time wake = absl::Now() + jittered; absl::Now() < wake;) {
+      if (CallerCancelled(limits.get())) return cancelled_error();
+      absl::SleepFor(std::min(kCancelCheck, wake - absl::Now()));
+    }
     backoff = std::min(backoff * 2, absl::Seconds(2));
   }
 
@@ -692,6 +766,15 @@ class S3Writer : public ObjectWriter {
   ~S3Writer() override {
     StopWorkers(/*discard_queue=*/true);
     if (!upload_id_.empty() && !committed_) {
+      // Tried by the caller's deadline, so a failed push still answers in
+      // time, but also after the caller has gone; an upload this leaves
+      // behind is removed by gc (CleanStaging).
+      std::shared_ptr<CallLimits> limits;
+      if (auto caller = CurrentCallLimits(); caller != nullptr) {
+        limits = std::make_shared<CallLimits>();
+        limits->deadline = caller->deadline;
+      }
+      const ScopedCallLimits scope(std::move(limits));
       S3Store::Request abort;
       abort.method = "DELETE";
       abort.op = "ABORT-UPLOAD";
@@ -814,8 +897,12 @@ class S3Writer : public ObjectWriter {
     if (upload_id_.empty()) {
       return absl::DataLossError("S3 did not return an upload id for " + key_);
     }
+    // The parts go up within the limits of the request that writes them.
     for (int i = 0; i < store_->settings().part_parallelism; ++i) {
-      workers_.emplace_back([this] { Work(); });
+      workers_.emplace_back([this, limits = CurrentCallLimits()] {
+        ScopedCallLimits scope(limits);
+        Work();
+      });
     }
     return absl::OkStatus();
   }

@@ -9,6 +9,8 @@
 
 #include <atomic>
 #include <deque>
+#include <functional>
+#include <memory>
 #include <string>
 #include <thread>
 
@@ -221,6 +223,127 @@ TEST(S3StoreRetryTest, ServerThatNeverAnswersIsUnavailableWithinTheBudget) {
   EXPECT_TRUE(absl::IsUnavailable(s)) << s;
   EXPECT_LT(absl::Now() - start, absl::Seconds(6));
   EXPECT_GE(server.requests(), 2);
+}
+
+// A server that accepts and never answers, with the store's default stall
+// timeout and retry budget (10 s and 15 s): only the caller's limits can end
+// a call early.
+std::unique_ptr<S3Store> HungStore(const ScriptedServer& server) {
+  S3Settings settings;
+  settings.endpoint = absl::StrCat("http://127.0.0.1:", server.port());
+  settings.path_style = true;
+  auto store = S3Store::Open("bucket", "", settings);
+  EXPECT_TRUE(store.ok()) << store.status();
+  return std::move(*store);
+}
+
+std::shared_ptr<const CallLimits> Limits(
+    absl::Duration left, std::function<bool()> cancelled = nullptr) {
+  auto limits = std::make_shared<CallLimits>();
+  limits->deadline = absl::Now() + left;
+  limits->cancelled = std::move(cancelled);
+  return limits;
+}
+
+TEST(S3StoreDeadlineTest, HungServerIsUnavailableByTheCallersDeadline) {
+  ScriptedServer server({{0, ""}});
+  auto store = HungStore(server);
+  const ScopedCallLimits scope(Limits(absl::Milliseconds(1500)));
+  const absl::Time start = absl::Now();
+  absl::Status s = store->ReadAll("models/m/versions/00000001.json").status();
+  const absl::Duration took = absl::Now() - start;
+  EXPECT_TRUE(absl::IsUnavailable(s)) << s;
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("S3 did not answer within the deadline"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("GET models/m/versions"));
+  EXPECT_GE(took, absl::Milliseconds(1400));
+  EXPECT_LT(took, absl::Milliseconds(2500));
+}
+
+TEST(S3StoreDeadlineTest, EveryKindOfCallFollowsTheDeadline) {
+  ScriptedServer server({{0, ""}});
+  auto store = HungStore(server);
+  const std::vector<std::pair<std::string, std::function<absl::Status()>>>
+      calls = {
+          {"put", [&] { return store->Put("a/b", "data", {}); }},
+          {"stat", [&] { return store->Stat("a/b").status(); }},
+          {"list", [&] { return store->List({}).status(); }},
+          {"delete", [&] { return store->Delete("a/b"); }},
+          {"writer",
+           [&]() -> absl::Status {
+             auto writer = store->NewWriter("a/b", {});
+             if (!writer.ok()) return writer.status();
+             absl::Status s = (*writer)->Write("data");
+             return s.ok() ? (*writer)->Commit() : s;
+           }},
+      };
+  for (const auto& [what, call] : calls) {
+    const ScopedCallLimits scope(Limits(absl::Milliseconds(500)));
+    const absl::Time start = absl::Now();
+    absl::Status s = call();
+    EXPECT_TRUE(absl::IsUnavailable(s)) << what << ": " << s;
+    EXPECT_LT(absl::Now() - start, absl::Milliseconds(1500)) << what;
+  }
+}
+
+TEST(S3StoreDeadlineTest, DeadlineEndsTheRetriesOfServerErrors) {
+  // Five attempts with backoff take over a second; the deadline ends them.
+  ScriptedServer server({{503, Error("SlowDown", "")}});
+  auto store = StoreFor(server);
+  const ScopedCallLimits scope(Limits(absl::Milliseconds(250)));
+  const absl::Time start = absl::Now();
+  absl::Status s = store->Stat("a/b").status();
+  EXPECT_TRUE(absl::IsUnavailable(s)) << s;
+  EXPECT_LT(absl::Now() - start, absl::Milliseconds(600));
+  EXPECT_LT(server.requests(), 5);
+}
+
+TEST(S3StoreDeadlineTest, PassedDeadlineSendsNothing) {
+  ScriptedServer server({{200, ""}});
+  auto store = StoreFor(server);
+  const ScopedCallLimits scope(Limits(-absl::Seconds(1)));
+  absl::Status s = store->Put("a/b", "data", {});
+  EXPECT_TRUE(absl::IsUnavailable(s)) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("no time was left"));
+  EXPECT_EQ(server.requests(), 0);
+}
+
+TEST(S3StoreDeadlineTest, CallerThatGoesAwayStopsTheCall) {
+  ScriptedServer server({{0, ""}});
+  auto store = HungStore(server);
+  std::atomic<bool> gone{false};
+  std::thread leave([&] {
+    absl::SleepFor(absl::Milliseconds(300));
+    gone = true;
+  });
+  const ScopedCallLimits scope(
+      Limits(absl::InfiniteDuration(), [&] { return gone.load(); }));
+  const absl::Time start = absl::Now();
+  absl::Status s = store->ReadAll("k").status();
+  leave.join();
+  EXPECT_TRUE(absl::IsCancelled(s)) << s;
+  // Without the check the 10 s stall timeout would end it.
+  EXPECT_LT(absl::Now() - start, absl::Seconds(3));
+}
+
+TEST(S3StoreDeadlineTest, LimitsAreRestoredWhenTheScopeEnds) {
+  EXPECT_EQ(CurrentCallLimits(), nullptr);
+  auto outer = Limits(absl::Seconds(5));
+  {
+    const ScopedCallLimits a(outer);
+    {
+      const ScopedCallLimits b(Limits(absl::Seconds(1)));
+      EXPECT_NE(CurrentCallLimits(), outer);
+    }
+    EXPECT_EQ(CurrentCallLimits(), outer);
+  }
+  EXPECT_EQ(CurrentCallLimits(), nullptr);
+  // Without limits a call keeps the retry policy: a server error is tried
+  // five times.
+  ScriptedServer server({{503, Error("SlowDown", "")}});
+  auto store = StoreFor(server);
+  EXPECT_TRUE(absl::IsUnavailable(store->Stat("a/b").status()));
+  EXPECT_EQ(server.requests(), 5);
 }
 
 TEST(S3StoreRetryTest, ReadsParseListingsAndStripThePrefix) {

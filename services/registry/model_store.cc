@@ -126,7 +126,12 @@ class SegmentReader {
 
   absl::Status Run(const ModelStore::ChunkSink& sink) {
     std::vector<std::thread> workers;
-    for (int i = 0; i < threads_; ++i) workers.emplace_back([this] { Work(); });
+    for (int i = 0; i < threads_; ++i) {
+      workers.emplace_back([this, limits = storage::CurrentCallLimits()] {
+        storage::ScopedCallLimits scope(limits);
+        Work();
+      });
+    }
     absl::Status status;
     for (int64_t number = 0; number < count_ && status.ok(); ++number) {
       Segment segment;
@@ -277,7 +282,12 @@ BlobUpload::BlobUpload(std::string digest, int64_t size,
       index_key_(std::move(index_key)),
       hash_(size) {
   if (size_ >= kThreadedUploadBytes) {
-    writing_ = std::make_unique<std::thread>([this] { WriteLoop(); });
+    // It writes for the request that pushes, within that request's limits.
+    writing_ = std::make_unique<std::thread>(
+        [this, limits = storage::CurrentCallLimits()] {
+          storage::ScopedCallLimits scope(limits);
+          WriteLoop();
+        });
   }
 }
 
@@ -385,7 +395,11 @@ absl::Status BlobUpload::Finish() {
   };
   std::unique_ptr<std::thread> indexing;
   if (writing_ != nullptr) {
-    indexing = std::make_unique<std::thread>(write_index);
+    indexing = std::make_unique<std::thread>(
+        [&write_index, limits = storage::CurrentCallLimits()] {
+          storage::ScopedCallLimits scope(limits);
+          write_index();
+        });
   }
   absl::Status stored = StopWriting(/*discard=*/false);
   if (stored.ok()) stored = writer_->Commit();

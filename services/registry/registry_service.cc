@@ -2,6 +2,9 @@
 
 #include <glog/logging.h>
 
+#include <algorithm>
+#include <chrono>
+#include <memory>
 #include <optional>
 #include <set>
 
@@ -9,6 +12,7 @@
 #include "common/grpc_status.h"
 #include "common/names.h"
 #include "common/status.h"
+#include "common/storage/object_store.h"
 
 namespace kennel::registry {
 namespace {
@@ -102,6 +106,25 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchModelResponse>,
   grpc::Status finish_status_ ABSL_GUARDED_BY(mu_);
 };
 
+// The limits of the storage calls one RPC makes: they end a little before
+// the caller's deadline, so that a hung store still gets an UNAVAILABLE that
+// says why, not a bare DEADLINE_EXCEEDED, and they stop when the caller
+// cancels. The margin covers sending the answer back.
+std::shared_ptr<const storage::CallLimits> LimitsFor(
+    const grpc::ServerContext& context) {
+  auto limits = std::make_shared<storage::CallLimits>();
+  const std::chrono::system_clock::time_point deadline = context.deadline();
+  if (deadline != std::chrono::system_clock::time_point::max()) {
+    const absl::Time end = absl::FromChrono(deadline);
+    const absl::Duration margin =
+        std::clamp((end - absl::Now()) / 10, absl::Milliseconds(20),
+                   absl::Milliseconds(500));
+    limits->deadline = end - margin;
+  }
+  limits->cancelled = [&context] { return context.IsCancelled(); };
+  return limits;
+}
+
 }  // namespace
 
 RegistryService::RegistryService(ModelStore* store, WatchHub* hub,
@@ -113,6 +136,7 @@ grpc::Status RegistryService::PushModel(
     grpc::ServerContext* context,
     grpc::ServerReader<v1::PushModelRequest>* reader,
     v1::PushModelResponse* response) {
+  const storage::ScopedCallLimits limits(LimitsFor(*context));
   auto result = Push(context, reader);
   if (!result.ok()) {
     LOG(WARNING) << "push refused: " << result.status();
@@ -232,6 +256,7 @@ absl::StatusOr<v1::PushModelResponse> RegistryService::Push(
 grpc::Status RegistryService::HasBlobs(grpc::ServerContext* context,
                                        const v1::HasBlobsRequest* request,
                                        v1::HasBlobsResponse* response) {
+  const storage::ScopedCallLimits limits(LimitsFor(*context));
   if (request->digests_size() > 1000) {
     return ToGrpcStatus(
         absl::InvalidArgumentError("ask about at most 1000 digests at once"));
@@ -247,6 +272,7 @@ grpc::Status RegistryService::HasBlobs(grpc::ServerContext* context,
 grpc::Status RegistryService::GetModel(grpc::ServerContext* context,
                                        const v1::GetModelRequest* request,
                                        v1::ModelVersion* response) {
+  const storage::ScopedCallLimits limits(LimitsFor(*context));
   auto model = store_->Resolve(request->ref());
   if (!model.ok()) return ToGrpcStatus(model.status());
   *response = *std::move(model);
@@ -256,6 +282,7 @@ grpc::Status RegistryService::GetModel(grpc::ServerContext* context,
 grpc::Status RegistryService::PullModel(
     grpc::ServerContext* context, const v1::PullModelRequest* request,
     grpc::ServerWriter<v1::PullModelResponse>* writer) {
+  const storage::ScopedCallLimits limits(LimitsFor(*context));
   absl::Status status = Pull(context, *request, writer);
   if (!status.ok() && !absl::IsCancelled(status)) {
     LOG(WARNING) << "pull " << request->ref() << ": " << status;
@@ -319,6 +346,7 @@ absl::Status RegistryService::Pull(
 grpc::Status RegistryService::ListModels(grpc::ServerContext* context,
                                          const v1::ListModelsRequest* request,
                                          v1::ListModelsResponse* response) {
+  const storage::ScopedCallLimits limits(LimitsFor(*context));
   auto models = store_->ListModels();
   if (!models.ok()) return ToGrpcStatus(models.status());
   *response = *std::move(models);
@@ -328,6 +356,7 @@ grpc::Status RegistryService::ListModels(grpc::ServerContext* context,
 grpc::Status RegistryService::ListVersions(
     grpc::ServerContext* context, const v1::ListVersionsRequest* request,
     v1::ListVersionsResponse* response) {
+  const storage::ScopedCallLimits limits(LimitsFor(*context));
   auto versions = store_->ListVersions(*request);
   if (!versions.ok()) return ToGrpcStatus(versions.status());
   *response = *std::move(versions);
@@ -337,6 +366,7 @@ grpc::Status RegistryService::ListVersions(
 grpc::Status RegistryService::SetAlias(grpc::ServerContext* context,
                                        const v1::SetAliasRequest* request,
                                        v1::Alias* response) {
+  const storage::ScopedCallLimits limits(LimitsFor(*context));
   if (absl::Status s = auth_->Check(*context); !s.ok()) return ToGrpcStatus(s);
   auto alias =
       store_->SetAlias(request->name(), request->alias(), request->version());
@@ -350,6 +380,7 @@ grpc::Status RegistryService::SetAlias(grpc::ServerContext* context,
 grpc::Status RegistryService::DeleteAlias(grpc::ServerContext* context,
                                           const v1::DeleteAliasRequest* request,
                                           v1::DeleteAliasResponse* response) {
+  const storage::ScopedCallLimits limits(LimitsFor(*context));
   if (absl::Status s = auth_->Check(*context); !s.ok()) return ToGrpcStatus(s);
   absl::Status status = store_->DeleteAlias(request->name(), request->alias());
   if (status.ok()) {
@@ -362,6 +393,7 @@ grpc::Status RegistryService::DeleteAlias(grpc::ServerContext* context,
 grpc::Status RegistryService::DeleteVersion(
     grpc::ServerContext* context, const v1::DeleteVersionRequest* request,
     v1::DeleteVersionResponse* response) {
+  const storage::ScopedCallLimits limits(LimitsFor(*context));
   if (absl::Status s = auth_->Check(*context); !s.ok()) return ToGrpcStatus(s);
   absl::Status status =
       store_->DeleteVersion(request->name(), request->version());
@@ -375,6 +407,7 @@ grpc::Status RegistryService::DeleteVersion(
 grpc::Status RegistryService::GarbageCollect(
     grpc::ServerContext* context, const v1::GarbageCollectRequest* request,
     v1::GarbageCollectResponse* response) {
+  const storage::ScopedCallLimits limits(LimitsFor(*context));
   if (absl::Status s = auth_->Check(*context); !s.ok()) return ToGrpcStatus(s);
   if (request->grace_seconds() < 0) {
     return ToGrpcStatus(

@@ -3,13 +3,18 @@
 // service) and, for malformed streams, through the raw stub.
 #include "services/registry/registry_service.h"
 
+#include <arpa/inet.h>
 #include <glog/logging.h>
+#include <netinet/in.h>
 #include <prometheus/registry.h>
 #include <stdlib.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -17,6 +22,7 @@
 #include "common/server.h"
 #include "common/sha256.h"
 #include "common/storage/file_store.h"
+#include "common/storage/s3_store.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -462,6 +468,56 @@ TEST_F(RegistryServiceTest, SlowWatcherGetsTheNewestStateNotABacklog) {
   EXPECT_LT(received, kMoves) << "every intermediate state was queued";
   LOG(INFO) << "slow watcher received " << received << " states for "
             << kMoves + 1 << " moves";
+}
+
+TEST_F(RegistryServiceTest, HungStorageIsUnavailableBeforeTheCallersDeadline) {
+  // A socket that listens but never accepts: connections open and requests
+  // go unanswered, as with a frozen S3 gateway.
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  ASSERT_EQ(listen(fd, 64), 0);
+  socklen_t len = sizeof(addr);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  storage::S3Settings settings;  // 10 s stall timeout, 15 s retry budget
+  settings.endpoint = absl::StrCat("http://127.0.0.1:", ntohs(addr.sin_port));
+  settings.path_style = true;
+  settings.access_key = "key";
+  settings.secret_key = "secret";
+  auto s3 = storage::S3Store::Open("bucket", "", settings);
+  ASSERT_TRUE(s3.ok()) << s3.status();
+  store_ = std::make_unique<ModelStore>(
+      std::shared_ptr<storage::ObjectStore>(std::move(*s3)));
+  StartServer(TokenAuth());
+
+  ClientOptions options = Options();
+  options.timeout = absl::Seconds(2);
+  RegistryClient client(options);
+  const std::string path = WriteFile("model.pt", "weights");
+  const std::vector<std::pair<std::string, std::function<absl::Status()>>>
+      calls = {
+          {"get", [&] { return client.GetModel("dogs").status(); }},
+          {"push",
+           [&] { return client.PushFiles(Header("dogs"), {path}).status(); }},
+          {"alias",
+           [&] { return client.SetAlias("dogs", "prod", 1).status(); }},
+      };
+  for (const auto& [what, call] : calls) {
+    const absl::Time start = absl::Now();
+    absl::Status s = call();
+    const absl::Duration took = absl::Now() - start;
+    EXPECT_TRUE(absl::IsUnavailable(s)) << what << ": " << s;
+    EXPECT_THAT(std::string(s.message()),
+                HasSubstr("S3 did not answer within the deadline"))
+        << what;
+    EXPECT_LT(took, absl::Seconds(2)) << what;
+    EXPECT_GT(took, absl::Seconds(1)) << what;
+  }
+  server_.reset();
+  close(fd);
 }
 
 TEST_F(RegistryServiceTest, ClientReportsAChannelItCannotMake) {
