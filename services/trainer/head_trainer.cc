@@ -38,6 +38,11 @@ class SplitMix64 {
 
 constexpr uint64_t kInitStream = 1;
 constexpr uint64_t kOrderStream = 2;
+// Upper bounds on a run's size, the same as a tuning search space's
+// (search_space.cc): beyond them a job would hold its slot for days or
+// allocate without limit.
+constexpr int kMaxBatchSize = 65536;
+constexpr int kMaxEpochs = 10000;
 
 }  // namespace
 
@@ -56,13 +61,14 @@ absl::Status ValidateHeadConfig(const HeadConfig& config) {
     return absl::InvalidArgumentError(absl::StrCat(
         "weight_decay must be >= 0 (got ", config.weight_decay, ")"));
   }
-  if (config.batch_size < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("batch_size must be > 0 (got ", config.batch_size, ")"));
+  if (config.batch_size < 1 || config.batch_size > kMaxBatchSize) {
+    return absl::InvalidArgumentError(absl::StrCat("batch_size must be in 1..",
+                                                   kMaxBatchSize, " (got ",
+                                                   config.batch_size, ")"));
   }
-  if (config.epochs < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("epochs must be > 0 (got ", config.epochs, ")"));
+  if (config.epochs < 1 || config.epochs > kMaxEpochs) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "epochs must be in 1..", kMaxEpochs, " (got ", config.epochs, ")"));
   }
   return absl::OkStatus();
 }

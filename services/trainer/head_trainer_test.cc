@@ -79,6 +79,26 @@ TEST(HeadTrainerTest, ZeroLearningRateIsRefused) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST(HeadTrainerTest, RunsBeyondTheSizeBoundsAreRefused) {
+  HeadConfig c = Config();
+  c.epochs = 1000000000;
+  absl::Status s = ValidateHeadConfig(c);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_THAT(std::string(s.message()),
+              ::testing::HasSubstr("epochs must be in 1..10000"));
+  c.epochs = 10001;
+  EXPECT_EQ(ValidateHeadConfig(c).code(), absl::StatusCode::kInvalidArgument);
+  c.epochs = 10000;
+  EXPECT_TRUE(ValidateHeadConfig(c).ok());
+  c.batch_size = 65537;
+  s = ValidateHeadConfig(c);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_THAT(std::string(s.message()),
+              ::testing::HasSubstr("batch_size must be in 1..65536"));
+  c.batch_size = 65536;
+  EXPECT_TRUE(ValidateHeadConfig(c).ok());
+}
+
 TEST(HeadTrainerTest, TinyFeaturesGiveTinyWeightGradients) {
   HeadTrainer trainer(Blobs(40, 1e-10f));
   auto run = trainer.Train(Config(), nullptr, nullptr);

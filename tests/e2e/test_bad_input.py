@@ -358,6 +358,8 @@ class BadInputTest(unittest.TestCase):
             ("train: weight decay -1", C.INVALID_ARGUMENT, train(hyper={"weight_decay": -1})),
             ("train: batch size 0", C.INVALID_ARGUMENT, train(batch_size=0)),
             ("train: epochs -1", C.INVALID_ARGUMENT, train(epochs=-1)),
+            ("train: epochs 1e9", C.INVALID_ARGUMENT, train(epochs=10**9)),
+            ("train: batch size 2^20", C.INVALID_ARGUMENT, train(batch_size=1 << 20)),
             ("train: mode 7", C.INVALID_ARGUMENT, train(hyper={"mode": 7})),
             ("train: precision 9", C.INVALID_ARGUMENT, train(spec={"precision": 9})),
             ("train: device tpu", C.INVALID_ARGUMENT, train(spec={"device": "tpu"})),
