@@ -336,50 +336,6 @@ absl::StatusOr<std::string> FetchBackbone(const std::string& url,
   return path;
 }
 
-kennel::v1::JobEvent StartedEvent(const PreparedSpec& prepared,
-                                  kennel::v1::Precision precision) {
-  JobEvent event;
-  kennel::v1::JobStarted* started = event.mutable_started();
-  started->set_kind(kennel::v1::JOB_KIND_TRAIN);
-  for (const std::string& label : prepared.dataset.labels) {
-    started->add_classes(label);
-  }
-  for (const Split* split : {&prepared.dataset.train, &prepared.dataset.valid,
-                             &prepared.dataset.test}) {
-    kennel::v1::SplitCount* count = started->add_splits();
-    count->set_split(split->name);
-    count->set_images(static_cast<int64_t>(split->images.size()));
-  }
-  started->set_device(DeviceName(prepared.device));
-  started->set_precision(precision);
-  started->set_backbone_digest(prepared.backbone.digest);
-  return event;
-}
-
-// Turns the rule verdicts of one epoch into events; returns the reason when
-// a STOP rule fired.
-std::string ObserveRules(RuleSet& rules, const EpochStats& stats,
-                         double wait_share, JobContext& context, int trial) {
-  EpochSignal signal;
-  signal.epoch = stats.epoch;
-  signal.train_loss = stats.train_loss;
-  signal.valid_loss = stats.valid_loss;
-  signal.mean_abs_gradient = stats.mean_abs_gradient;
-  signal.data_wait_share = wait_share;
-  std::string stop;
-  for (kennel::v1::RuleFired& fired : rules.Observe(signal)) {
-    if (fired.action() == kennel::v1::RULE_ACTION_STOP && stop.empty()) {
-      stop = absl::StrCat("stopped by rule ", fired.rule(), " at epoch ",
-                          stats.epoch, ": ", fired.message());
-    }
-    JobEvent event;
-    event.set_trial(trial);
-    *event.mutable_rule() = std::move(fired);
-    context.Emit(std::move(event));
-  }
-  return stop;
-}
-
 void ReportBadImages(const BadImages& bad, JobContext& context) {
   auto one = [&](const char* split, const std::vector<std::string>& paths) {
     if (paths.empty()) return;
@@ -398,7 +354,7 @@ absl::StatusOr<kennel::v1::JobCompleted> RunHead(
   const auto start = Clock::now();
   Profiler profiler(options.threads);
   ASSIGN_OR_RETURN(Precision precision, ResolvePrecision(prepared, context));
-  context.Emit(StartedEvent(prepared, precision));
+  context.Emit(StartedEvent(prepared, kennel::v1::JOB_KIND_TRAIN, precision));
   ASSIGN_OR_RETURN(Extraction extraction,
                    ExtractFeatures(prepared, precision, options, context));
   profiler.AddFeature(extraction.seconds);
@@ -474,7 +430,7 @@ absl::StatusOr<kennel::v1::JobCompleted> RunFinetune(
         "fine-tuning runs in fp32; the bf16 precision applies to "
         "head mode's backbone pass");
   }
-  context.Emit(StartedEvent(prepared, precision));
+  context.Emit(StartedEvent(prepared, kennel::v1::JOB_KIND_TRAIN, precision));
   RETURN_IF_ERROR(FetchData(prepared, context));
 
   torch::jit::Module module;
@@ -549,6 +505,49 @@ absl::StatusOr<kennel::v1::JobCompleted> RunFinetune(
 }
 
 }  // namespace
+
+kennel::v1::JobEvent StartedEvent(const PreparedSpec& prepared,
+                                  kennel::v1::JobKind kind,
+                                  kennel::v1::Precision precision) {
+  JobEvent event;
+  kennel::v1::JobStarted* started = event.mutable_started();
+  started->set_kind(kind);
+  for (const std::string& label : prepared.dataset.labels) {
+    started->add_classes(label);
+  }
+  for (const Split* split : {&prepared.dataset.train, &prepared.dataset.valid,
+                             &prepared.dataset.test}) {
+    kennel::v1::SplitCount* count = started->add_splits();
+    count->set_split(split->name);
+    count->set_images(static_cast<int64_t>(split->images.size()));
+  }
+  started->set_device(DeviceName(prepared.device));
+  started->set_precision(precision);
+  started->set_backbone_digest(prepared.backbone.digest);
+  return event;
+}
+
+std::string ObserveRules(RuleSet& rules, const EpochStats& stats,
+                         double wait_share, JobContext& context, int trial) {
+  EpochSignal signal;
+  signal.epoch = stats.epoch;
+  signal.train_loss = stats.train_loss;
+  signal.valid_loss = stats.valid_loss;
+  signal.mean_abs_gradient = stats.mean_abs_gradient;
+  signal.data_wait_share = wait_share;
+  std::string stop;
+  for (kennel::v1::RuleFired& fired : rules.Observe(signal)) {
+    if (fired.action() == kennel::v1::RULE_ACTION_STOP && stop.empty()) {
+      stop = absl::StrCat("stopped by rule ", fired.rule(), " at epoch ",
+                          stats.epoch, ": ", fired.message());
+    }
+    JobEvent event;
+    event.set_trial(trial);
+    *event.mutable_rule() = std::move(fired);
+    context.Emit(std::move(event));
+  }
+  return stop;
+}
 
 std::string DeviceName(const torch::Device& device) {
   return device.is_cuda()

@@ -53,6 +53,17 @@ struct PreparedSpec {
   std::shared_ptr<storage::ObjectStore> data_store;
 };
 
+// The JobStarted event of a job of `kind` on `prepared`.
+kennel::v1::JobEvent StartedEvent(const PreparedSpec& prepared,
+                                  kennel::v1::JobKind kind,
+                                  kennel::v1::Precision precision);
+
+// Feeds one epoch to `rules` (a run's or a trial's own copy) and emits what
+// fires, tagged with `trial` (0 for a Train job); returns the reason when a
+// STOP rule fired.
+std::string ObserveRules(RuleSet& rules, const EpochStats& stats,
+                         double wait_share, JobContext& context, int trial);
+
 // Downloads the files of an s3:// data set that the local copy lacks
 // (once: later jobs find them), emitting Progress events. Does nothing for
 // local data. ExtractFeatures and fine-tuning call it before reading images.

@@ -47,51 +47,6 @@ void UseTrialThreads(int threads) {
 #endif
 }
 
-JobEvent TuneStartedEvent(const PreparedSpec& prepared,
-                          kennel::v1::Precision precision) {
-  JobEvent event;
-  kennel::v1::JobStarted* started = event.mutable_started();
-  started->set_kind(kennel::v1::JOB_KIND_TUNE);
-  for (const std::string& label : prepared.dataset.labels) {
-    started->add_classes(label);
-  }
-  for (const Split* split : {&prepared.dataset.train, &prepared.dataset.valid,
-                             &prepared.dataset.test}) {
-    kennel::v1::SplitCount* count = started->add_splits();
-    count->set_split(split->name);
-    count->set_images(static_cast<int64_t>(split->images.size()));
-  }
-  started->set_device(DeviceName(prepared.device));
-  started->set_precision(precision);
-  started->set_backbone_digest(prepared.backbone.digest);
-  return event;
-}
-
-// Feeds one epoch to a trial's own copy of the job's rules and emits what
-// fires, tagged with the trial; returns the reason when a STOP rule fired.
-std::string ObserveTrialRules(RuleSet& rules, const EpochStats& stats,
-                              double wait_share, JobContext& context,
-                              int trial) {
-  EpochSignal signal;
-  signal.epoch = stats.epoch;
-  signal.train_loss = stats.train_loss;
-  signal.valid_loss = stats.valid_loss;
-  signal.mean_abs_gradient = stats.mean_abs_gradient;
-  signal.data_wait_share = wait_share;
-  std::string stop;
-  for (kennel::v1::RuleFired& fired : rules.Observe(signal)) {
-    if (fired.action() == kennel::v1::RULE_ACTION_STOP && stop.empty()) {
-      stop = absl::StrCat("stopped by rule ", fired.rule(), " at epoch ",
-                          stats.epoch, ": ", fired.message());
-    }
-    JobEvent event;
-    event.set_trial(trial);
-    *event.mutable_rule() = std::move(fired);
-    context.Emit(std::move(event));
-  }
-  return stop;
-}
-
 // Time spent in the trials' training steps, summed over trials for the
 // profiler report (the Profiler itself is single-threaded).
 struct StepTimes {
@@ -142,7 +97,7 @@ class HeadTrialRunner : public TrialRunner {
     auto callback = [&](const EpochStats& stats) {
       times_.Add(stats, images, 0);
       const bool keep_going = on_epoch(EpochEvent(stats, 0.0, trial).epoch());
-      rule_stop = ObserveTrialRules(rules, stats, 0.0, context_, trial);
+      rule_stop = ObserveRules(rules, stats, 0.0, context_, trial);
       return keep_going && rule_stop.empty() ? EpochDecision::kContinue
                                              : EpochDecision::kStop;
     };
@@ -234,7 +189,7 @@ class FinetuneTrialRunner : public TrialRunner {
       times_.Add(stats, images, wait_share * stats.seconds);
       const bool keep_going =
           on_epoch(EpochEvent(stats, wait_share, trial).epoch());
-      rule_stop = ObserveTrialRules(rules, stats, wait_share, context_, trial);
+      rule_stop = ObserveRules(rules, stats, wait_share, context_, trial);
       return keep_going && rule_stop.empty() ? EpochDecision::kContinue
                                              : EpochDecision::kStop;
     };
@@ -384,7 +339,7 @@ absl::StatusOr<kennel::v1::JobCompleted> RunHeadTune(const TuneJob& job,
   Profiler profiler(options.threads);
   ASSIGN_OR_RETURN(kennel::v1::Precision precision,
                    ResolvePrecision(prepared, context));
-  context.Emit(TuneStartedEvent(prepared, precision));
+  context.Emit(StartedEvent(prepared, kennel::v1::JOB_KIND_TUNE, precision));
   ASSIGN_OR_RETURN(Extraction extraction,
                    ExtractFeatures(prepared, precision, options, context));
   profiler.AddFeature(extraction.seconds);
@@ -436,7 +391,9 @@ absl::StatusOr<kennel::v1::JobCompleted> RunFinetuneTune(const TuneJob& job,
   const TrainerOptions& options = *job.options;
   Profiler profiler(options.threads);
   const kennel::v1::Precision precision = kennel::v1::PRECISION_FP32;
-  context.Emit(TuneStartedEvent(prepared, precision));
+  context.Emit(StartedEvent(prepared, kennel::v1::JOB_KIND_TUNE, precision));
+  // An s3:// data set is read from its local copy; fetch what it lacks.
+  RETURN_IF_ERROR(FetchData(prepared, context));
   if (job.tune.max_parallel_trials > 1) {
     context.Log(absl::StrCat(
         "fine-tune trials train one at a time on ", DeviceName(prepared.device),
