@@ -178,6 +178,11 @@ int main(int argc, char** argv) {
   kennel::AcceptDashedFlags(argc, argv);
   std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
   std::vector<std::string> args(positional.begin() + 1, positional.end());
+  // The first word that did not start with '-' may have been a flag's value
+  // ("--addr HOST:PORT"), leaving no command once the flags are parsed.
+  if (args.empty()) {
+    return UsageError("no command given; kennel --help lists them");
+  }
   auto it = Commands().find(args.front());
   if (it == Commands().end()) {
     return UsageError("unknown command \"" + args.front() +

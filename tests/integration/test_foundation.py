@@ -232,6 +232,14 @@ class CliTest(unittest.TestCase):
         self.assertEqual(r.returncode, 2)
         self.assertIn("unknown command", r.stderr)
 
+    def test_flags_without_a_command_are_a_usage_error(self):
+        # The flag's value is not a command name: "--addr HOST:PORT" alone
+        # must be refused, not taken as the command "HOST:PORT" and then lost.
+        for args in (["--addr", "127.0.0.1:1"], ["--timeout", "5s", "--json"]):
+            r = kt.kennel(*args)
+            self.assertEqual(r.returncode, 2, args)
+            self.assertIn("no command", r.stderr)
+
     def test_unreachable_service_fails_with_the_grpc_status(self):
         r = kt.kennel("health", "--timeout=2s", addr=f"127.0.0.1:{kt.free_port()}")
         self.assertEqual(r.returncode, 1)
