@@ -61,14 +61,22 @@ absl::Status ValidateHeadConfig(const HeadConfig& config) {
     return absl::InvalidArgumentError(absl::StrCat(
         "weight_decay must be >= 0 (got ", config.weight_decay, ")"));
   }
-  if (config.batch_size < 1 || config.batch_size > kMaxBatchSize) {
-    return absl::InvalidArgumentError(absl::StrCat("batch_size must be in 1..",
-                                                   kMaxBatchSize, " (got ",
-                                                   config.batch_size, ")"));
+  if (config.batch_size < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("batch_size must be > 0 (got ", config.batch_size, ")"));
   }
-  if (config.epochs < 1 || config.epochs > kMaxEpochs) {
+  if (config.batch_size > kMaxBatchSize) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("batch_size must be at most ", kMaxBatchSize, " (got ",
+                     config.batch_size, ")"));
+  }
+  if (config.epochs < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("epochs must be > 0 (got ", config.epochs, ")"));
+  }
+  if (config.epochs > kMaxEpochs) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "epochs must be in 1..", kMaxEpochs, " (got ", config.epochs, ")"));
+        "epochs must be at most ", kMaxEpochs, " (got ", config.epochs, ")"));
   }
   return absl::OkStatus();
 }
