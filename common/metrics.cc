@@ -1,6 +1,7 @@
 #include "common/metrics.h"
 
 #include <dirent.h>
+#include <google/protobuf/descriptor.h>
 #include <prometheus/exposer.h>
 #include <prometheus/text_serializer.h>
 #include <sys/resource.h>
@@ -101,13 +102,32 @@ class ProcessCollector : public prometheus::Collectable {
   }
 };
 
+// Whether `service`/`method` is a method this binary can serve: one of
+// gRPC's health and reflection services, or a Kennel service compiled into
+// it (its descriptor is then in the generated pool). The method name is
+// whatever the client sent, so checking the prefix alone would not do.
+bool KnownMethod(absl::string_view service, absl::string_view method) {
+  if (service == "grpc.health.v1.Health") {
+    return method == "Check" || method == "Watch";
+  }
+  if (service == "grpc.reflection.v1alpha.ServerReflection" ||
+      service == "grpc.reflection.v1.ServerReflection") {
+    return method == "ServerReflectionInfo";
+  }
+  if (!absl::StartsWith(service, "kennel.")) return false;
+  const google::protobuf::ServiceDescriptor* descriptor =
+      google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(
+          std::string(service));
+  return descriptor != nullptr &&
+         descriptor->FindMethodByName(std::string(method)) != nullptr;
+}
+
 std::pair<std::string, std::string> SplitMethod(absl::string_view full_method) {
-  // Only methods of services this process registers get their own label;
-  // anything else a client sends is "unknown", so labels stay bounded.
+  // Only methods this process can serve get their own label; anything else
+  // a client sends is "unknown", so the number of series stays bounded.
   std::vector<absl::string_view> parts =
       absl::StrSplit(full_method, '/', absl::SkipEmpty());
-  if (parts.size() != 2 || !(absl::StartsWith(parts[0], "kennel.") ||
-                             absl::StartsWith(parts[0], "grpc."))) {
+  if (parts.size() != 2 || !KnownMethod(parts[0], parts[1])) {
     return {"unknown", "unknown"};
   }
   return {std::string(parts[0]), std::string(parts[1])};

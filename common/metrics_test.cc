@@ -78,7 +78,13 @@ TEST_F(ServerMetricsTest, InterceptorCountsEveryRpcByMethodAndCode) {
 
 TEST_F(ServerMetricsTest, UnknownMethodsShareOneLabelSoSeriesStayBounded) {
   grpc::GenericStub generic(channel_);
-  for (const char* method : {"/evil.Service/A", "/evil.Service/B"}) {
+  // Names under our own and gRPC's prefixes too: a client may send any
+  // string as a method, and each new label pair would be a series kept
+  // forever.
+  for (const char* method :
+       {"/evil.Service/A", "/evil.Service/B", "/kennel.v1.evilService/A",
+        "/kennel.v1.evilService/B", "/grpc.health.v1.Health/evilMethod",
+        "/grpc.evil/C"}) {
     grpc::ClientContext context;
     context.set_deadline(std::chrono::system_clock::now() +
                          std::chrono::seconds(5));

@@ -99,6 +99,31 @@ class FoundationTest(unittest.TestCase):
             # promtool exits 0 when it only has style remarks, 1 on errors.
             self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
 
+    def test_rpc_labels_name_served_methods_only(self):
+        # A real method keeps its own labels; any other name a client sends,
+        # even under kennel. or grpc., is counted as "unknown" instead of
+        # adding a series that would stay in memory forever.
+        real = {"registry": ("ListModels", b""), "trainer": ("ListJobs", b""),
+                "inference": ("GetModelStatus", b"")}
+        for kind, service in self.services.items():
+            with kt.channel(service.addr) as ch:
+                method, body = real[kind]
+                ch.unary_unary(f"/{SERVICES[kind]}/{method}")(body, timeout=10)
+                for bogus in (f"/{SERVICES[kind]}/NoSuchMethod",
+                              "/kennel.v1.NoSuchService/Get",
+                              "/grpc.health.v1.Health/NoSuchMethod"):
+                    with self.assertRaises(grpc.RpcError) as caught:
+                        ch.unary_unary(bogus)(b"", timeout=10)
+                    self.assertEqual(caught.exception.code(),
+                                     grpc.StatusCode.UNIMPLEMENTED)
+            text = service.scrape()
+            self.assertIn(f'grpc_method="{method}",grpc_service="{SERVICES[kind]}"',
+                          text)
+            leaked = [l for l in text.splitlines() if "NoSuch" in l]
+            self.assertEqual(leaked, [], kind)
+            self.assertIn('grpc_code="UNIMPLEMENTED",grpc_method="unknown",'
+                          'grpc_service="unknown"', text)
+
     def test_prometheus_scrapes_all_three(self):
         kt.require("prometheus", "install Debian's prometheus package")
         port = kt.free_port()
