@@ -150,10 +150,10 @@ using UnaryMethod = grpc::Status (v1::ModelRegistry::Stub::*)(
 
 }  // namespace
 
-ModelWatch::ModelWatch(
-    std::unique_ptr<grpc::ClientContext> context,
-    std::unique_ptr<grpc::ClientReader<v1::WatchModelResponse>> reader)
-    : context_(std::move(context)), reader_(std::move(reader)) {}
+ModelWatch::ModelWatch(v1::ModelRegistry::Stub* stub,
+                       std::unique_ptr<grpc::ClientContext> context,
+                       v1::WatchModelRequest request)
+    : stub_(stub), context_(std::move(context)), request_(std::move(request)) {}
 
 ModelWatch::ModelWatch(absl::Status failure)
     : finished_(true), status_(std::move(failure)) {}
@@ -170,8 +170,9 @@ ModelWatch::~ModelWatch() {
 bool ModelWatch::Next(v1::WatchModelResponse* response) {
   if (finished_) return false;
   if (reader_ == nullptr) {
-    finished_ = true;
-    return false;
+    // Blocks until the request is sent: while the channel connects, or
+    // until Cancel() (a context cancelled earlier cancels the call at once).
+    reader_ = stub_->WatchModel(context_.get(), request_);
   }
   if (reader_->Read(response)) return true;
   status_ = FromGrpcStatus(reader_->Finish());
@@ -502,8 +503,8 @@ std::unique_ptr<ModelWatch> RegistryClient::Watch(const std::string& ref) {
   if (!stub_or.ok()) return std::make_unique<ModelWatch>(stub_or.status());
   v1::WatchModelRequest request;
   request.set_ref(ref);
-  auto reader = (*stub_or)->WatchModel(context.get(), request);
-  return std::make_unique<ModelWatch>(std::move(context), std::move(reader));
+  return std::make_unique<ModelWatch>(*stub_or, std::move(context),
+                                      std::move(request));
 }
 
 absl::StatusOr<std::vector<std::string>> RegistryClient::HasBlobs(

@@ -22,12 +22,16 @@ namespace kennel {
 using ProgressFn = std::function<void(int64_t done, int64_t total)>;
 
 // One WatchModel stream. Next() blocks; Cancel() may be called from any
-// thread to end it. Not otherwise safe to share between threads.
+// thread to end it, also while the first Next() is still starting the stream
+// (connecting to a registry that does not answer). Not otherwise safe to
+// share between threads. The RegistryClient that made it must outlive it.
 class ModelWatch {
  public:
-  ModelWatch(
-      std::unique_ptr<grpc::ClientContext> context,
-      std::unique_ptr<grpc::ClientReader<v1::WatchModelResponse>> reader);
+  // The stream starts in the first Next(), so that making a watch never
+  // blocks and a caller can hold it where Cancel() can reach it first.
+  ModelWatch(v1::ModelRegistry::Stub* stub,
+             std::unique_ptr<grpc::ClientContext> context,
+             v1::WatchModelRequest request);
   // A watch that could not start: Next() returns false, status() says why.
   explicit ModelWatch(absl::Status failure);
   ~ModelWatch();
@@ -41,7 +45,9 @@ class ModelWatch {
   absl::Status status() const;
 
  private:
-  std::unique_ptr<grpc::ClientContext> context_;
+  v1::ModelRegistry::Stub* const stub_ = nullptr;
+  const std::unique_ptr<grpc::ClientContext> context_;
+  const v1::WatchModelRequest request_;
   std::unique_ptr<grpc::ClientReader<v1::WatchModelResponse>> reader_;
   bool finished_ = false;
   absl::Status status_;

@@ -3,13 +3,18 @@
 // needed) and a fake loader.
 #include "services/inference/model_source.h"
 
+#include <arpa/inet.h>
 #include <glog/logging.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <prometheus/registry.h>
 #include <stdlib.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <fstream>
+#include <vector>
 
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
@@ -203,6 +208,59 @@ TEST_F(RegistrySourceTest, AnUnreachableRegistryAtStartUpServesTheLastGood) {
   }
   source.Stop();
   EXPECT_EQ(Serving(*manager), 4);
+}
+
+// A TCP port whose accept queue is full, so a connection attempt is never
+// answered (SYNs are dropped) and a gRPC channel stays CONNECTING for its
+// whole connect timeout (20 s).
+class UnansweredPort {
+ public:
+  UnansweredPort() {
+    listener_ = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(addr);
+    if (bind(listener_, reinterpret_cast<sockaddr*>(&addr), len) != 0 ||
+        listen(listener_, 0) != 0 ||
+        getsockname(listener_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+      return;
+    }
+    port_ = ntohs(addr.sin_port);
+    // Fill the queue (a backlog of 0 still queues one connection).
+    for (int i = 0; i < 2; ++i) {
+      const int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+      connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+      fillers_.push_back(fd);
+    }
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  ~UnansweredPort() {
+    for (int fd : fillers_) close(fd);
+    close(listener_);
+  }
+  int port() const { return port_; }
+
+ private:
+  int listener_ = -1;
+  int port_ = 0;
+  std::vector<int> fillers_;
+};
+
+TEST_F(RegistrySourceTest, StopIsPromptWhileTheWatchIsStillConnecting) {
+  UnansweredPort unanswered;
+  ASSERT_NE(unanswered.port(), 0);
+  auto manager = Manager();
+  RegistrySource source(
+      Options("pets@production",
+              "127.0.0.1:" + std::to_string(unanswered.port())),
+      manager.get());
+  source.Start();
+  // Let the source's thread reach the watch, which cannot connect.
+  absl::SleepFor(absl::Milliseconds(500));
+  const absl::Time start = absl::Now();
+  source.Stop();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(3));
 }
 
 // Collects what is logged while it lives.
