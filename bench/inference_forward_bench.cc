@@ -54,7 +54,8 @@ int main(int argc, char** argv) {
   const int size = absl::GetFlag(FLAGS_size);
   std::mt19937 rng(1);
   std::normal_distribution<float> normal;
-  for (absl::string_view b : absl::StrSplit(absl::GetFlag(FLAGS_batch_sizes), ',')) {
+  for (absl::string_view b :
+       absl::StrSplit(absl::GetFlag(FLAGS_batch_sizes), ',')) {
     int batch = 0;
     if (!absl::SimpleAtoi(b, &batch) || batch < 1) {
       std::cerr << "bad batch size " << b << "\n";

@@ -60,7 +60,9 @@ std::vector<char*> InitServerProcess(int argc, char** argv,
     }
     return std::string(file);
   };
-  usage_config.version_string = [] { return std::string(KENNEL_VERSION) + "\n"; };
+  usage_config.version_string = [] {
+    return std::string(KENNEL_VERSION) + "\n";
+  };
   absl::SetFlagsUsageConfig(usage_config);
   absl::SetProgramUsageMessage(usage);
   std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
