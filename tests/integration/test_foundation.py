@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import tempfile
-import time
 import unittest
 import urllib.parse
 import urllib.request

@@ -3,7 +3,6 @@ CLI and raw gRPC streams: round trips, dedupe, crash and restart,
 corruption, drain during a push, tokens, malformed pushes, concurrent
 pushers and watches."""
 
-import concurrent.futures
 import json
 import os
 import queue
@@ -259,20 +258,7 @@ class RegistryFileTest(unittest.TestCase):
 
     def test_eight_concurrent_pushers_get_eight_readable_versions(self):
         paths = [self.file(f"conc-{i}.pt", (2 << 20) + i, 100 + i) for i in range(8)]
-        procs = [subprocess.Popen([kt.binary("kennel"), "models", "push", "conc", "--file", p,
-                                   "--json", f"--addr={self.registry.addr}"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for p in paths]
-        versions = {}
-        for p, proc in zip(paths, procs):
-            out, err = proc.communicate(timeout=120)
-            self.assertEqual(proc.returncode, 0, err)
-            versions[int(json.loads(out)["version"])] = p
-        self.assertEqual(sorted(versions), list(range(1, 9)))
-        for version, path in versions.items():
-            dest = os.path.join(self.tmp, f"conc-out-{version}.pt")
-            self.cli("pull", f"conc:{version}", "-o", dest, check=True)
-            self.assertEqual(rc.read(dest), rc.read(path), f"conc:{version}")
+        rc.check_concurrent_pushes(self, paths)
 
     def test_watch_follows_an_alias_and_ends_when_the_registry_stops(self):
         service, store = self.fresh_registry(name="watch")

@@ -3,7 +3,9 @@ through the generated Python stubs, digests, and random artifacts."""
 
 import hashlib
 import os
+import json
 import random
+import subprocess
 import threading
 
 import kennel_testlib as kt  # noqa: F401  (puts the stubs on sys.path)
@@ -117,3 +119,23 @@ def staged_files(store):
     if not os.path.isdir(staging):
         return []
     return [n for n in os.listdir(staging) if n.startswith(".write-")]
+
+
+def check_concurrent_pushes(test, paths):
+    """Pushes every file in paths to model "conc" at once, each with its own
+    `kennel models push`, and checks that each got its own version and that
+    every version pulls back the bytes that were pushed."""
+    procs = [subprocess.Popen([kt.binary("kennel"), "models", "push", "conc", "--file", p,
+                               "--json", f"--addr={test.registry.addr}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for p in paths]
+    versions = {}
+    for p, proc in zip(paths, procs):
+        out, err = proc.communicate(timeout=120)
+        test.assertEqual(proc.returncode, 0, err)
+        versions[int(json.loads(out)["version"])] = p
+    test.assertEqual(sorted(versions), list(range(1, len(paths) + 1)))
+    for version, path in versions.items():
+        dest = os.path.join(test.tmp, f"conc-out-{version}.pt")
+        test.cli("pull", f"conc:{version}", "-o", dest, check=True)
+        test.assertEqual(file_digest(dest), file_digest(path), f"conc:{version}")

@@ -7,18 +7,14 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import unittest
 
 import kennel_testlib as kt
 import test_registry_common as rc
 
-import grpc
-from kennel.v1 import registry_pb2
 
 BUCKET = "kennel"
 PREFIX = "reg"
@@ -211,20 +207,7 @@ class S3RegistryTests:
 
     def test_eight_concurrent_pushers_get_eight_readable_versions(self):
         paths = [self.file(f"conc-{i}.pt", (1 << 20) + i, 100 + i) for i in range(8)]
-        procs = [subprocess.Popen([kt.binary("kennel"), "models", "push", "conc", "--file", p,
-                                   "--json", f"--addr={self.registry.addr}"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for p in paths]
-        versions = {}
-        for p, proc in zip(paths, procs):
-            out, err = proc.communicate(timeout=120)
-            self.assertEqual(proc.returncode, 0, err)
-            versions[int(json.loads(out)["version"])] = p
-        self.assertEqual(sorted(versions), list(range(1, 9)))
-        for version, path in versions.items():
-            dest = os.path.join(self.tmp, f"conc-out-{version}.pt")
-            self.cli("pull", f"conc:{version}", "-o", dest, check=True)
-            self.assertEqual(rc.file_digest(dest), rc.file_digest(path), f"conc:{version}")
+        rc.check_concurrent_pushes(self, paths)
 
     def test_restart_keeps_versions_and_aliases(self):
         a = self.file("keep-a.pt", 200000, 2)

@@ -9,7 +9,6 @@ shows as FAILED with a message saying so."""
 
 import json
 import tempfile
-import time
 import unittest
 
 import kennel_testlib as kt

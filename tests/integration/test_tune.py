@@ -12,8 +12,6 @@ import csv
 import os
 import subprocess
 import tempfile
-import threading
-import time
 import unittest
 import xml.etree.ElementTree as ET
 
