@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "services/trainer/search_space.h"
 
 namespace kennel::trainer {
 namespace {
@@ -38,12 +39,6 @@ class SplitMix64 {
 
 constexpr uint64_t kInitStream = 1;
 constexpr uint64_t kOrderStream = 2;
-// Upper bounds on a run's size, the same as a tuning search space's
-// (search_space.cc): beyond them a job would hold its slot for days or
-// allocate without limit.
-constexpr int kMaxBatchSize = 65536;
-constexpr int kMaxEpochs = 10000;
-
 }  // namespace
 
 uint64_t MixSeed(uint64_t seed, uint64_t stream, uint64_t index) {

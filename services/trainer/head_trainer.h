@@ -106,7 +106,8 @@ class HeadTrainer {
   explicit HeadTrainer(std::shared_ptr<const FeatureSet> data);
 
   // INVALID_ARGUMENT for a bad configuration (learning rate <= 0, batch size
-  // < 1, epochs < 1, weight decay < 0). `cancelled` is polled before every
+  // outside 1..kMaxBatchSize, epochs outside 1..kMaxEpochs, weight decay < 0;
+  // the bounds are in search_space.h). `cancelled` is polled before every
   // step and may be null; `trace` may be null.
   absl::StatusOr<HeadRunResult> Train(const HeadConfig& config,
                                       const EpochCallback& on_epoch,

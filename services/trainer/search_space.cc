@@ -19,9 +19,6 @@ namespace {
 
 using kennel::v1::ParameterRange;
 
-constexpr double kMaxBatchSize = 1 << 16;
-constexpr double kMaxEpochs = 10000;
-
 std::string Num(double v) { return absl::StrFormat("%g", v); }
 
 // Bounds of the transformed interval that the unit interval maps onto.

@@ -13,6 +13,12 @@
 
 namespace kennel::trainer {
 
+// Upper bounds on one run's size, for a single training job and for every
+// value a search space may span: beyond them a job would hold its slot for
+// days or allocate without limit.
+inline constexpr int kMaxBatchSize = 65536;
+inline constexpr int kMaxEpochs = 10000;
+
 // One value per parameter of a SearchSpace, in the space's order, in the
 // parameter's own units (a learning rate of 0.01 is 0.01, a batch size of 128
 // is 128).
