@@ -358,13 +358,17 @@ absl::StatusOr<S3Store::Response> S3Store::Perform(Request request) {
         absl::StrCat("the caller went away; S3 ", what, " was stopped"));
   };
   const auto out_of_time = [&](int attempts, const std::string& last_error) {
+    if (attempts == 0) {
+      // Earlier steps of the call used its time; S3 itself may be fine.
+      return absl::DeadlineExceededError(absl::StrCat(
+          "no time was left for S3 ", what, " at ", settings_.endpoint,
+          ": the call's deadline passed before it could be sent (give the "
+          "call a longer deadline)"));
+    }
     return absl::UnavailableError(absl::StrCat(
         "S3 did not answer within the deadline of the call: ", what, " at ",
-        settings_.endpoint,
-        attempts == 0
-            ? absl::StrCat(" was not tried (no time was left)")
-            : absl::StrCat(": ", last_error, " (", attempts,
-                           attempts == 1 ? " attempt)" : " attempts)")));
+        settings_.endpoint, ": ", last_error, " (", attempts,
+        attempts == 1 ? " attempt)" : " attempts)"));
   };
   Response response;
   std::string transport_error;

@@ -1193,7 +1193,18 @@ absl::StatusOr<v1::GarbageCollectResponse> ModelStore::GarbageCollect(
       kept.insert(digest);
       continue;
     }
-    if (!dry_run) RETURN_IF_ERROR(store_->Delete(blob.key));
+    if (!dry_run) {
+      // Each delete stands alone: what was removed stays removed, and the
+      // next run takes up the rest.
+      RETURN_IF_ERROR(
+          Annotate(store_->Delete(blob.key),
+                   absl::StrCat("garbage collection stopped after removing ",
+                                response.removed_digests_size(),
+                                response.removed_digests_size() == 1
+                                    ? " unreferenced blob"
+                                    : " unreferenced blobs",
+                                "; run it again for the rest")));
+    }
     response.add_removed_digests(digest);
     response.set_removed_bytes(response.removed_bytes() + blob.size);
   }

@@ -788,5 +788,44 @@ TEST(ModelStoreSerialisedTest, UnreachableStoreAtStartSerialisesAndReportsIt) {
   EXPECT_FALSE(store.serialising());
 }
 
+// A memory store whose deletes fail after the first one succeeds.
+class OneDeleteStore : public storage::MemoryStore {
+ public:
+  absl::Status Delete(const std::string& key) override {
+    if (deletes_.fetch_add(1) >= 1) {
+      return absl::UnavailableError("storage is down");
+    }
+    return MemoryStore::Delete(key);
+  }
+
+ private:
+  std::atomic<int> deletes_{0};
+};
+
+TEST(ModelStoreGarbageCollectTest, AnOutageMidwaySaysWhatWasRemoved) {
+  auto memory = std::make_shared<OneDeleteStore>();
+  ModelStore store(memory);
+  ASSERT_TRUE(store.Init().ok());
+  std::vector<std::string> orphans;
+  for (const std::string bytes : {"orphan one", "orphan two", "orphan 3"}) {
+    const std::string digest = Sha256Digest(bytes);
+    auto upload = store.StartBlob(digest, bytes.size());
+    ASSERT_TRUE(upload.ok()) << upload.status();
+    ASSERT_TRUE((*upload)->Write(bytes).ok());
+    ASSERT_TRUE((*upload)->Finish().ok());
+    memory->SetModified(ModelStore::BlobKey(digest),
+                        absl::Now() - absl::Hours(2));
+    orphans.push_back(digest);
+  }
+  auto gc = store.GarbageCollect(absl::Hours(1), /*dry_run=*/false);
+  ASSERT_TRUE(absl::IsUnavailable(gc.status())) << gc.status();
+  EXPECT_THAT(std::string(gc.status().message()),
+              HasSubstr("stopped after removing 1 unreferenced blob; run it "
+                        "again for the rest: storage is down"));
+  auto present = store.PresentBlobs(orphans);
+  ASSERT_TRUE(present.ok()) << present.status();
+  EXPECT_EQ(present->size(), 2u);
+}
+
 }  // namespace
 }  // namespace kennel::registry
