@@ -1,6 +1,7 @@
 #include "common/metrics.h"
 
 #include <dirent.h>
+#include <glog/logging.h>
 #include <google/protobuf/descriptor.h>
 #include <prometheus/exposer.h>
 #include <prometheus/text_serializer.h>
@@ -14,6 +15,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 
 namespace kennel {
@@ -102,37 +104,6 @@ class ProcessCollector : public prometheus::Collectable {
   }
 };
 
-// Whether `service`/`method` is a method this binary can serve: one of
-// gRPC's health and reflection services, or a Kennel service compiled into
-// it (its descriptor is then in the generated pool). The method name is
-// whatever the client sent, so checking the prefix alone would not do.
-bool KnownMethod(absl::string_view service, absl::string_view method) {
-  if (service == "grpc.health.v1.Health") {
-    return method == "Check" || method == "Watch";
-  }
-  if (service == "grpc.reflection.v1alpha.ServerReflection" ||
-      service == "grpc.reflection.v1.ServerReflection") {
-    return method == "ServerReflectionInfo";
-  }
-  if (!absl::StartsWith(service, "kennel.")) return false;
-  const google::protobuf::ServiceDescriptor* descriptor =
-      google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(
-          std::string(service));
-  return descriptor != nullptr &&
-         descriptor->FindMethodByName(std::string(method)) != nullptr;
-}
-
-std::pair<std::string, std::string> SplitMethod(absl::string_view full_method) {
-  // Only methods this process can serve get their own label; anything else
-  // a client sends is "unknown", so the number of series stays bounded.
-  std::vector<absl::string_view> parts =
-      absl::StrSplit(full_method, '/', absl::SkipEmpty());
-  if (parts.size() != 2 || !KnownMethod(parts[0], parts[1])) {
-    return {"unknown", "unknown"};
-  }
-  return {std::string(parts[0]), std::string(parts[1])};
-}
-
 const char* CodeName(int code) {
   static const char* const kNames[] = {"OK",
                                        "CANCELLED",
@@ -161,7 +132,7 @@ class RpcMetricsInterceptor : public grpc::experimental::Interceptor {
       : metrics_(metrics),
         method_(std::move(method)),
         start_(std::chrono::steady_clock::now()) {
-    auto [service, name] = SplitMethod(method_);
+    auto [service, name] = metrics_->Labels(method_);
     metrics_->started.Add({{"grpc_service", service}, {"grpc_method", name}})
         .Increment();
   }
@@ -229,11 +200,40 @@ RpcMetrics::RpcMetrics(prometheus::Registry& registry)
                   .Name("kennel_grpc_server_handling_seconds")
                   .Help("Time from the start of an RPC to its status (a "
                         "stream's whole life), by service and method.")
-                  .Register(registry)) {}
+                  .Register(registry)),
+      served_({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
+               "/grpc.reflection.v1alpha.ServerReflection/"
+               "ServerReflectionInfo",
+               "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"}) {}
+
+void RpcMetrics::Serve(absl::string_view service) {
+  const google::protobuf::ServiceDescriptor* descriptor =
+      google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(
+          std::string(service));
+  if (descriptor == nullptr) {
+    LOG(WARNING) << "no descriptor for service " << service
+                 << "; its RPCs are counted as unknown";
+    return;
+  }
+  for (int i = 0; i < descriptor->method_count(); ++i) {
+    served_.insert(
+        absl::StrCat("/", service, "/", descriptor->method(i)->name()));
+  }
+}
+
+std::pair<std::string, std::string> RpcMetrics::Labels(
+    absl::string_view full_method) const {
+  // The method name is whatever the client sent: only the methods this
+  // process serves get labels of their own, the rest share "unknown".
+  if (!served_.contains(full_method)) return {"unknown", "unknown"};
+  std::vector<absl::string_view> parts =
+      absl::StrSplit(full_method, '/', absl::SkipEmpty());
+  return {std::string(parts[0]), std::string(parts[1])};
+}
 
 void RpcMetrics::Record(absl::string_view full_method, int code,
                         double seconds) {
-  auto [service, method] = SplitMethod(full_method);
+  auto [service, method] = Labels(full_method);
   handled
       .Add({{"grpc_service", service},
             {"grpc_method", method},

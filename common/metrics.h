@@ -13,8 +13,11 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 
 namespace prometheus {
 class Exposer;
@@ -30,12 +33,25 @@ prometheus::Histogram::BucketBoundaries LatencyBuckets();
 struct RpcMetrics {
   explicit RpcMetrics(prometheus::Registry& registry);
 
+  // Gives the methods of the service with this full name ("kennel.v1.
+  // Trainer") labels of their own; gRPC's health and reflection methods
+  // always have them. Every other method a client sends is counted as
+  // "unknown", so clients cannot add series. Call before the server starts.
+  void Serve(absl::string_view service);
+
   // Records one finished RPC. `full_method` is "/package.Service/Method".
   void Record(absl::string_view full_method, int code, double seconds);
+  // The service and method labels of `full_method`.
+  std::pair<std::string, std::string> Labels(
+      absl::string_view full_method) const;
 
   prometheus::Family<prometheus::Counter>& started;
   prometheus::Family<prometheus::Counter>& handled;
   prometheus::Family<prometheus::Histogram>& latency;
+
+ private:
+  // "/package.Service/Method" of every labelled method.
+  absl::flat_hash_set<std::string> served_;
 };
 
 // Owns the registry and its exposer. Create one per process; pass registry()

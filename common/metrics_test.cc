@@ -1,5 +1,6 @@
 #include "common/metrics.h"
 
+#include <google/protobuf/descriptor.h>
 #include <grpcpp/create_channel.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <gtest/gtest.h>
@@ -8,6 +9,8 @@
 
 #include "common/server.h"
 #include "grpc/health/v1/health.grpc.pb.h"
+#include "kennel/v1/registry.grpc.pb.h"
+#include "kennel/v1/trainer.grpc.pb.h"
 
 namespace kennel {
 namespace {
@@ -76,8 +79,32 @@ TEST_F(ServerMetricsTest, InterceptorCountsEveryRpcByMethodAndCode) {
       << text;
 }
 
+// Sends an empty unary call to `method` and returns its status.
+grpc::Status CallGeneric(const std::shared_ptr<grpc::Channel>& channel,
+                         const std::string& method) {
+  grpc::GenericStub generic(channel);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() +
+                       std::chrono::seconds(5));
+  grpc::Slice empty("");
+  grpc::ByteBuffer request(&empty, 1), response;
+  grpc::Status status;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  generic.UnaryCall(&context, method, grpc::StubOptions(), &request, &response,
+                    [&](grpc::Status s) {
+                      std::lock_guard<std::mutex> lock(mu);
+                      status = s;
+                      done = true;
+                      cv.notify_one();
+                    });
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait(lock, [&] { return done; });
+  return status;
+}
+
 TEST_F(ServerMetricsTest, UnknownMethodsShareOneLabelSoSeriesStayBounded) {
-  grpc::GenericStub generic(channel_);
   // Names under our own and gRPC's prefixes too: a client may send any
   // string as a method, and each new label pair would be a series kept
   // forever.
@@ -85,28 +112,49 @@ TEST_F(ServerMetricsTest, UnknownMethodsShareOneLabelSoSeriesStayBounded) {
        {"/evil.Service/A", "/evil.Service/B", "/kennel.v1.evilService/A",
         "/kennel.v1.evilService/B", "/grpc.health.v1.Health/evilMethod",
         "/grpc.evil/C"}) {
-    grpc::ClientContext context;
-    context.set_deadline(std::chrono::system_clock::now() +
-                         std::chrono::seconds(5));
-    grpc::Slice empty("");
-    grpc::ByteBuffer request(&empty, 1), response;
-    grpc::Status status;
-    std::mutex mu;
-    std::condition_variable cv;
-    bool done = false;
-    generic.UnaryCall(&context, method, grpc::StubOptions(), &request,
-                      &response, [&](grpc::Status s) {
-                        std::lock_guard<std::mutex> lock(mu);
-                        status = s;
-                        done = true;
-                        cv.notify_one();
-                      });
-    std::unique_lock<std::mutex> lock(mu);
-    cv.wait(lock, [&] { return done; });
-    EXPECT_EQ(status.error_code(), grpc::StatusCode::UNIMPLEMENTED);
+    EXPECT_EQ(CallGeneric(channel_, method).error_code(),
+              grpc::StatusCode::UNIMPLEMENTED);
   }
   std::string text = server_->metrics().Scrape();
   EXPECT_EQ(text.find("evil"), std::string::npos) << text;
+}
+
+TEST(ServedServiceMetricsTest, OnlyTheServicesAServerServesGetLabels) {
+  // Both services are compiled into this binary (using a trainer message
+  // links its descriptors in); only one is served.
+  ASSERT_NE(v1::TrainRequest::descriptor(), nullptr);
+  ASSERT_NE(
+      google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(
+          v1::Trainer::service_full_name()),
+      nullptr);
+  v1::ModelRegistry::Service registry;  // every method UNIMPLEMENTED
+  ServerOptions options;
+  options.name = "kennel-test";
+  options.listen = "127.0.0.1:0";
+  options.drain_grace = absl::Seconds(2);
+  Server server(options);
+  server.AddService(&registry, "kennel.v1.ModelRegistry");
+  ASSERT_TRUE(server.Start().ok());
+  auto channel =
+      grpc::CreateChannel("127.0.0.1:" + std::to_string(server.port()),
+                          grpc::InsecureChannelCredentials());
+  EXPECT_EQ(
+      CallGeneric(channel, "/kennel.v1.ModelRegistry/GetModel").error_code(),
+      grpc::StatusCode::UNIMPLEMENTED);
+  EXPECT_EQ(CallGeneric(channel, "/kennel.v1.Trainer/GetJob").error_code(),
+            grpc::StatusCode::UNIMPLEMENTED);
+  const std::string text = server.metrics().Scrape();
+  EXPECT_NE(text.find("kennel_grpc_server_handled_total{grpc_code="
+                      "\"UNIMPLEMENTED\",grpc_method=\"GetModel\","
+                      "grpc_service=\"kennel.v1.ModelRegistry\"} 1"),
+            std::string::npos)
+      << text;
+  EXPECT_EQ(text.find("kennel.v1.Trainer"), std::string::npos) << text;
+  EXPECT_NE(text.find("kennel_grpc_server_handled_total{grpc_code="
+                      "\"UNIMPLEMENTED\",grpc_method=\"unknown\","
+                      "grpc_service=\"unknown\"} 1"),
+            std::string::npos)
+      << text;
 }
 
 TEST_F(ServerMetricsTest, ScrapeHasProcessMetrics) {

@@ -51,6 +51,7 @@ Server::~Server() {
 }
 
 void Server::AddService(grpc::Service* service, std::string health_name) {
+  metrics_.rpc().Serve(health_name);
   services_.emplace_back(service, std::move(health_name));
 }
 

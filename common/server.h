@@ -58,7 +58,8 @@ class Server {
   Server& operator=(const Server&) = delete;
 
   // The service must outlive the server. Call before Start. `health_name` is
-  // the name health checks use for it ("kennel.v1.ModelRegistry").
+  // the service's full name ("kennel.v1.ModelRegistry"): health checks use
+  // it, and the RPC metrics label its methods.
   void AddService(grpc::Service* service, std::string health_name);
 
   // Runs when draining begins, before the server stops accepting; services
