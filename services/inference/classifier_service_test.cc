@@ -274,8 +274,21 @@ TEST_F(ClassifierServiceTest, TensorIsTheTrainersTensor) {
 
 TEST_F(ClassifierServiceTest,
        StreamAnswersEveryRequestByIdAndGoesOnAfterErrors) {
-  ASSERT_TRUE(
-      manager_->Load(Candidate(1, std::make_shared<FakeBehaviour>())).ok());
+  auto behaviour = std::make_shared<FakeBehaviour>();
+  ASSERT_TRUE(manager_->Load(Candidate(1, behaviour)).ok());
+  // The first forward waits until more requests have queued behind it,
+  // which they can only do if the stream's reader goes on while it runs.
+  absl::Notification entered, gate;
+  behaviour->entered = &entered;
+  behaviour->gate = &gate;
+  std::thread opener([&] {
+    entered.WaitForNotification();
+    const absl::Time give_up = absl::Now() + absl::Seconds(20);
+    while (batcher_->queue_depth() < 2 && absl::Now() < give_up) {
+      absl::SleepFor(absl::Milliseconds(1));
+    }
+    gate.Notify();
+  });
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() +
                        std::chrono::seconds(30));
@@ -296,6 +309,7 @@ TEST_F(ClassifierServiceTest,
     answers[std::stoi(response.request_id())] = response;
   }
   writer.join();
+  opener.join();
   ASSERT_TRUE(stream->Finish().ok());
   ASSERT_EQ(answers.size(), static_cast<size_t>(kRequests));
   int batched = 0;
