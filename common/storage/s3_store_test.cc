@@ -286,6 +286,35 @@ TEST(S3StoreDeadlineTest, EveryKindOfCallFollowsTheDeadline) {
   }
 }
 
+TEST(S3StoreDeadlineTest, PartUploadsFollowTheDeadlineOfTheCallThatWrites) {
+  // The upload starts, then every part hangs: the part workers run on their
+  // own threads and must still stop at the writing call's deadline, not
+  // after the store's own stall timeout (10 s).
+  ScriptedServer server(
+      {{200,
+        "<InitiateMultipartUploadResult><UploadId>u1</UploadId>"
+        "</InitiateMultipartUploadResult>"},
+       {0, ""}});
+  S3Settings settings;
+  settings.endpoint = absl::StrCat("http://127.0.0.1:", server.port());
+  settings.path_style = true;
+  settings.multipart_threshold = 5 << 20;
+  settings.part_size = 5 << 20;
+  auto store = S3Store::Open("bucket", "", settings);
+  ASSERT_TRUE(store.ok()) << store.status();
+  const ScopedCallLimits scope(Limits(absl::Milliseconds(1500)));
+  const absl::Time start = absl::Now();
+  auto writer = (*store)->NewWriter("big", {});
+  ASSERT_TRUE(writer.ok()) << writer.status();
+  const std::string part(6 << 20, 'x');
+  absl::Status s = (*writer)->Write(part);
+  if (s.ok()) s = (*writer)->Commit();
+  EXPECT_TRUE(absl::IsUnavailable(s)) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("did not answer"));
+  EXPECT_GE(server.requests(), 2) << "no part was sent";
+  EXPECT_LT(absl::Now() - start, absl::Seconds(4));
+}
+
 TEST(S3StoreDeadlineTest, DeadlineEndsTheRetriesOfServerErrors) {
   // Five attempts with backoff take over a second; the deadline ends them.
   ScriptedServer server({{503, Error("SlowDown", "")}});
