@@ -827,5 +827,62 @@ TEST(ModelStoreGarbageCollectTest, AnOutageMidwaySaysWhatWasRemoved) {
   EXPECT_EQ(present->size(), 2u);
 }
 
+// A memory store whose blob reads, once frozen, hang as a frozen S3 gateway
+// does: until the deadline of the calling request, or for 10 s when the
+// reading thread carries none. It notes whether a read ran off the thread
+// that started the request.
+class FreezingStore : public storage::MemoryStore {
+ public:
+  explicit FreezingStore(std::thread::id caller) : caller_(caller) {}
+  void Freeze() { frozen_ = true; }
+  bool read_on_another_thread() const { return other_thread_; }
+
+  absl::Status Read(const std::string& key, int64_t offset, int64_t length,
+                    const storage::ByteSink& sink) override {
+    if (!frozen_ || !absl::StartsWith(key, "blobs/sha256/")) {
+      return MemoryStore::Read(key, offset, length, sink);
+    }
+    if (std::this_thread::get_id() != caller_) other_thread_ = true;
+    const auto limits = storage::CurrentCallLimits();
+    const absl::Time until =
+        limits != nullptr ? limits->deadline : absl::Now() + absl::Seconds(10);
+    absl::SleepFor(until - absl::Now());
+    return absl::UnavailableError("storage did not answer");
+  }
+
+ private:
+  const std::thread::id caller_;
+  std::atomic<bool> frozen_{false};
+  std::atomic<bool> other_thread_{false};
+};
+
+TEST(ModelStoreDeadlineTest, SegmentReadersStopAtTheCallersDeadline) {
+  auto memory = std::make_shared<FreezingStore>(std::this_thread::get_id());
+  ModelStoreOptions options;
+  options.read_segment_bytes = 1 << 20;  // a 3 MiB blob: three segments
+  ModelStore store(memory, options);
+  ASSERT_TRUE(store.Init().ok());
+  std::string bytes(3 << 20, 'x');
+  for (size_t i = 0; i < bytes.size(); i += 4096) bytes[i] = char(i >> 12);
+  v1::Component component;
+  component.set_digest(Sha256Digest(bytes));
+  component.set_size(static_cast<int64_t>(bytes.size()));
+  auto upload = store.StartBlob(component.digest(), component.size());
+  ASSERT_TRUE(upload.ok()) << upload.status();
+  ASSERT_TRUE((*upload)->Write(bytes).ok());
+  ASSERT_TRUE((*upload)->Finish().ok());
+
+  memory->Freeze();
+  auto limits = std::make_shared<storage::CallLimits>();
+  limits->deadline = absl::Now() + absl::Milliseconds(500);
+  const storage::ScopedCallLimits scope(limits);
+  const absl::Time start = absl::Now();
+  absl::Status s = store.ReadBlob(
+      component, [](absl::string_view) { return absl::OkStatus(); });
+  EXPECT_TRUE(absl::IsUnavailable(s)) << s;
+  EXPECT_TRUE(memory->read_on_another_thread()) << "no segment reader ran";
+  EXPECT_LT(absl::Now() - start, absl::Seconds(3));
+}
+
 }  // namespace
 }  // namespace kennel::registry
