@@ -2,12 +2,14 @@
 // in kennel-registry, and collect unreferenced blobs.
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
 #include <iostream>
 #include <string>
 #include <vector>
 
 #include "absl/flags/flag.h"
+#include "absl/flags/reflection.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -469,8 +471,18 @@ int RunModels(const std::vector<std::string>& args) {
     return UsageError("models needs a subcommand; see kennel models --help");
   auto options = ClientOptionsFromFlags(kRegistryAddr);
   if (!options.ok()) return Fail(options.status());
-  RegistryClient client(*options);
   const std::string sub = args[0];
+  // A sweep reads every manifest and lists every blob: on a large bucket it
+  // outlasts the usual 30 s. One stopped by its deadline keeps what it
+  // removed, but it should not stop for want of a longer default.
+  if (sub == "gc") {
+    const absl::CommandLineFlag* timeout = absl::FindCommandLineFlag("timeout");
+    if (timeout != nullptr &&
+        timeout->CurrentValue() == timeout->DefaultValue()) {
+      options->timeout = std::max(options->timeout, absl::Minutes(10));
+    }
+  }
+  RegistryClient client(*options);
   const std::vector<std::string> rest(args.begin() + 1, args.end());
   if (sub == "push") return Push(client, rest);
   if (sub == "ls" || sub == "list") return List(client, rest);
@@ -524,6 +536,8 @@ KENNEL_CLI_COMMAND(
      "      never reused; its blobs go at the next gc.\n"
      "  gc [--grace 1h] [--dry-run]\n"
      "      Removes blobs no version references that are older than --grace.\n"
+     "      Its --timeout defaults to 10m; one that runs out keeps what it "
+     "removed.\n"
      "\n"
      "Transfers over 4 MB show progress on stderr. Exit status: 0 success, 1 "
      "the\n"
