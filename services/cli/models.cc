@@ -228,6 +228,24 @@ std::vector<std::string> VersionRow(const v1::ModelVersion& v) {
           v.aliases().empty() ? "-" : absl::StrJoin(v.aliases(), ",")};
 }
 
+// Refuses a file that cannot be TorchScript before anything is sent:
+// torch.jit.save writes a zip archive, which starts with a local file header.
+// (The registry stores any bytes; inference is what loads them.)
+absl::Status CheckLooksLikeTorchScript(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::OkStatus();  // the push reports why it cannot read it
+  char magic[4] = {};
+  in.read(magic, sizeof(magic));
+  if (in.gcount() == 4 &&
+      std::string(magic, 4) == std::string("PK\x03\x04", 4)) {
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      path,
+      " is not a TorchScript file: torch.jit.save writes a zip archive, and "
+      "this file does not start like one; nothing was pushed"));
+}
+
 int Push(RegistryClient& client, const std::vector<std::string>& args) {
   if (args.size() != 1)
     return UsageError("models push takes one NAME; see --help");
@@ -238,6 +256,9 @@ int Push(RegistryClient& client, const std::vector<std::string>& args) {
   }
   auto header = HeaderFromFlags(args[0]);
   if (!header.ok()) return UsageError(std::string(header.status().message()));
+  if (absl::Status s = CheckLooksLikeTorchScript(file); !s.ok()) {
+    return Fail(s);
+  }
   Progress progress("pushing " + args[0]);
   auto version = client.PushFiles(*header, {file}, progress.fn());
   progress.Done();

@@ -106,6 +106,17 @@ class RegistryFileTest(unittest.TestCase):
         # The deleted version's number is not reused.
         other = self.file("rt3.pt", 1000, 3)
         self.assertIn("pushed rt:3", self.cli("push", "rt", "--file", other, check=True).stdout)
+        # A file that cannot be TorchScript (not a zip archive) is refused
+        # before anything is sent.
+        text = os.path.join(self.tmp, "notes.pt")
+        with open(text, "w") as f:
+            f.write("hello\n")
+        refused = self.cli("push", "rt", "--file", text, "--alias", "production")
+        self.assertEqual(refused.returncode, 1, refused.stderr)
+        self.assertIn("is not a TorchScript file", refused.stderr)
+        versions = json.loads(self.cli("ls", "rt", "--json", check=True).stdout)["versions"]
+        self.assertEqual([int(v["version"]) for v in versions], [3, 1])
+        self.assertEqual(self.cli("show", "rt@production").returncode, 1)
 
     def test_restart_keeps_versions_and_aliases(self):
         service, store = self.fresh_registry(name="restart")

@@ -28,8 +28,14 @@ def file_digest(path):
     return "sha256:" + h.hexdigest()
 
 
+ZIP_MAGIC = b"PK\x03\x04"
+
+
 def random_bytes(size, seed):
-    return random.Random(seed).randbytes(size)
+    """Random bytes that start like a zip archive (as TorchScript files do),
+    so `kennel models push` takes them."""
+    data = random.Random(seed).randbytes(size)
+    return ZIP_MAGIC[:size] + data[len(ZIP_MAGIC):]
 
 
 def random_file(path, size, seed):
