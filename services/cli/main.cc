@@ -8,9 +8,13 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/flags/reflection.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
 #include "common/auth.h"
 #include "common/dashed_flags.h"
 #include "services/cli/command.h"
@@ -135,6 +139,57 @@ bool IsHelp(const char* arg) {
          std::strcmp(arg, "-help") == 0 || std::strcmp(arg, "--helpfull") == 0;
 }
 
+// absl's parser exits with status 1 on an unknown flag or a value it cannot
+// parse; a bad command line is exit status 2 here, so flags are checked
+// first. Values are parsed as absl will parse them again.
+absl::Status CheckFlags(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    const absl::string_view arg = argv[i];
+    if (arg == "--") break;
+    if (arg.size() < 2 || arg[0] != '-') continue;
+    // A negative number is a value, not a flag.
+    if (absl::ascii_isdigit(arg[1]) || arg[1] == '.') continue;
+    const absl::string_view body =
+        absl::StripPrefix(absl::StripPrefix(arg, "-"), "-");
+    const size_t eq = body.find('=');
+    const absl::string_view name = body.substr(0, eq);
+    absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
+    if (flag == nullptr && absl::StartsWith(name, "no")) {
+      // --noFLAG sets a boolean flag to false.
+      const absl::CommandLineFlag* positive =
+          absl::FindCommandLineFlag(name.substr(2));
+      if (positive != nullptr && positive->IsOfType<bool>() &&
+          eq == absl::string_view::npos) {
+        continue;
+      }
+    }
+    if (flag == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown flag ", arg.substr(0, arg.find('=')),
+                       "; kennel COMMAND --help lists the flags"));
+    }
+    std::string value;
+    if (eq != absl::string_view::npos) {
+      value = std::string(body.substr(eq + 1));
+    } else if (flag->IsOfType<bool>()) {
+      continue;
+    } else if (i + 1 < argc) {
+      value = argv[++i];
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", name, " needs a value"));
+    }
+    std::string error;
+    if (!flag->ParseFrom(value, &error)) {
+      return absl::InvalidArgumentError(absl::StrCat("--", name, ": ", error));
+    }
+  }
+  if (absl::GetFlag(FLAGS_timeout) <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--timeout must be positive (e.g. 30s)");
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 }  // namespace kennel::cli
 
@@ -176,6 +231,9 @@ int main(int argc, char** argv) {
   }
 
   kennel::AcceptDashedFlags(argc, argv);
+  if (absl::Status s = CheckFlags(argc, argv); !s.ok()) {
+    return UsageError(std::string(s.message()));
+  }
   std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
   std::vector<std::string> args(positional.begin() + 1, positional.end());
   // The first word that did not start with '-' may have been a flag's value

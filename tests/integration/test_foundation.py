@@ -264,6 +264,24 @@ class CliTest(unittest.TestCase):
             self.assertEqual(r.returncode, 2, args)
             self.assertIn("no command", r.stderr)
 
+    def test_bad_flags_are_usage_errors(self):
+        # Exit status 2, as the help promises, not the flag parser's 1.
+        cases = [
+            (["health", "--bogus"], "unknown flag --bogus"),
+            (["health", "--timeout", "soon"], "--timeout"),
+            (["health", "--timeout=0s"], "--timeout must be positive"),
+            (["health", "--timeout", "-5s"], "--timeout must be positive"),
+            (["health", "--json=maybe"], "--json"),
+            (["health", "--addr"], "--addr needs a value"),
+        ]
+        for args, message in cases:
+            r = kt.kennel(*args)
+            self.assertEqual(r.returncode, 2, (args, r.stderr))
+            self.assertIn(message, r.stderr, args)
+        # Values that start with '-' and --noFLAG are not taken for unknown flags.
+        r = kt.kennel("health", "--nojson", "--timeout=2s", addr=f"127.0.0.1:{kt.free_port()}")
+        self.assertEqual(r.returncode, 1, r.stderr)
+
     def test_unreachable_service_fails_with_the_grpc_status(self):
         r = kt.kennel("health", "--timeout=2s", addr=f"127.0.0.1:{kt.free_port()}")
         self.assertEqual(r.returncode, 1)
