@@ -874,8 +874,25 @@ absl::StatusOr<std::string> ExportAndRegister(
   for (const std::string& alias : prepared.spec.aliases()) {
     header.add_aliases(alias);
   }
-  ASSIGN_OR_RETURN(kennel::v1::ModelVersion version,
-                   options.publisher->Publish(header, {path}));
+  absl::StatusOr<kennel::v1::ModelVersion> published =
+      options.publisher->Publish(header, {path});
+  if (!published.ok()) {
+    // The trained model is not lost: say where it is, and for a refused
+    // token, which flag of the trainer's gives the registry's token.
+    std::string advice =
+        absl::StrCat("the trained classifier is kept at ", path);
+    if (absl::IsUnauthenticated(published.status())) {
+      absl::StrAppend(&advice,
+                      "; start kennel-trainer with --registry-token-file "
+                      "holding the registry's token");
+    }
+    return absl::Status(
+        published.status().code(),
+        absl::StrCat("registering ", prepared.spec.register_as(), " with ",
+                     options.publisher->Describe(), " failed: ",
+                     published.status().message(), " (", advice, ")"));
+  }
+  const kennel::v1::ModelVersion& version = *published;
   const std::string ref = absl::StrCat(version.name(), ":", version.version());
   context.Log(absl::StrCat("registered ", ref, " with ",
                            options.publisher->Describe()));

@@ -138,6 +138,31 @@ print(json.dumps({"labels": labels, "accuracy": acc}))
     def rules_fired(self, events):
         return [(e.rule.rule, e.rule.action) for e in events if e.HasField("rule")]
 
+    def test_a_refused_registration_keeps_the_model_and_names_the_flag(self):
+        # The registry wants a token the trainer was not given.
+        tmp = tempfile.mkdtemp(prefix="kennel-trainer-token-", dir=self.tmp)
+        token = os.path.join(tmp, "token")
+        with open(token, "w") as f:
+            f.write("s3cret-token\n")
+        registry = kt.Service("registry", f"--storage=file://{tmp}/store",
+                              f"--token-file={token}", workdir=tmp, metrics=False).start()
+        trainer = kt.Service("trainer", f"--data-root={self.root}", f"--cache-dir={tmp}/cache",
+                             f"--jobs-dir={tmp}/jobs", "--threads=2",
+                             f"--registry={registry.addr}", workdir=tmp).start(timeout=60)
+        try:
+            events = tf.train(tf.trainer_stub(trainer),
+                              tf.train_request(register_as="kept", epochs=1))
+            self.assertTrue(events[-1].HasField("failed"), events[-1])
+            failed = events[-1].failed
+            self.assertEqual(failed.code, grpc.StatusCode.UNAUTHENTICATED.value[0])
+            self.assertIn("--registry-token-file", failed.message)
+            kept = re.search(r"kept at (\S+\.pt)", failed.message)
+            self.assertIsNotNone(kept, failed.message)
+            self.assertTrue(os.path.getsize(kept.group(1)) > 0)
+        finally:
+            trainer.stop()
+            registry.stop()
+
     def test_healthy_run_fires_no_rule(self):
         events = tf.train(self.stub, tf.train_request(lr=0.003, epochs=6))
         self.assertTrue(events[-1].HasField("completed"), events[-1])
