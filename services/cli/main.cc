@@ -67,7 +67,15 @@ absl::StatusOr<ClientOptions> ClientOptionsFromFlags(
 
 int Fail(const absl::Status& status) {
   std::cerr << "kennel: " << absl::StatusCodeToString(status.code()) << ": "
-            << status.message() << "\n";
+            << status.message();
+  // gRPC's own answer for a method the server does not have carries no
+  // message: the usual cause is --addr naming another Kennel service.
+  if (absl::IsUnimplemented(status) && status.message().empty()) {
+    std::cerr << "the server at --addr does not have this method; is it the "
+                 "right service? (registry 127.0.0.1:50051, trainer :50052, "
+                 "inference :50053 by default)";
+  }
+  std::cerr << "\n";
   return kExitFailed;
 }
 

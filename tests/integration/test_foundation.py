@@ -55,6 +55,12 @@ class FoundationTest(unittest.TestCase):
             named = kt.kennel("health", SERVICES[kind], addr=service.addr)
             self.assertEqual(named.returncode, 0, named.stderr)
 
+    def test_a_command_sent_to_the_wrong_service_says_so(self):
+        r = kt.kennel("models", "ls", addr=self.services["trainer"].addr)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("UNIMPLEMENTED", r.stderr)
+        self.assertIn("is it the right service?", r.stderr)
+
     def test_health_is_serving_through_grpcio(self):
         for kind, service in self.services.items():
             stub = health_pb2_grpc.HealthStub(kt.channel(service.addr))
