@@ -123,11 +123,14 @@ absl::StatusOr<PreparedRequest> ClassifierService::Prepare(
   prepared.model = manager_->Current();
   if (prepared.model == nullptr) {
     const ManagerStatus status = manager_->Status();
+    std::string why = "; retry shortly";
+    if (!status.last_error.empty()) {
+      why = absl::StrCat("; the last load failed: ", status.last_error);
+    } else if (!status.waiting_for.empty()) {
+      why = absl::StrCat("; ", status.waiting_for);
+    }
     return absl::UnavailableError(absl::StrCat(
-        "no model is loaded yet (following ", options_.source, ")",
-        status.last_error.empty()
-            ? std::string("; retry shortly")
-            : absl::StrCat("; the last load failed: ", status.last_error)));
+        "no model is loaded yet (following ", options_.source, ")", why));
   }
   const LoadedModel& model = *prepared.model;
   if (!request.model_ref().empty()) {

@@ -72,7 +72,12 @@ std::shared_ptr<const LoadedModel> ModelManager::Current() const {
 
 ManagerStatus ModelManager::Status() const {
   absl::MutexLock lock(&mu_);
-  return {current_, last_error_, last_failed_version_};
+  return {current_, last_error_, last_failed_version_, waiting_for_};
+}
+
+void ModelManager::SetWaitingFor(std::string reason) {
+  absl::MutexLock lock(&mu_);
+  waiting_for_ = std::move(reason);
 }
 
 void ModelManager::SetOnPublished(

@@ -69,6 +69,9 @@ struct ManagerStatus {
   std::shared_ptr<const LoadedModel> current;
   std::string last_error;
   int64_t last_failed_version = 0;
+  // Why the source has offered nothing to load, when it knows (the
+  // registry has no such model, or cannot be reached); empty otherwise.
+  std::string waiting_for;
 };
 
 // Thread-safe. Load calls are serialised; Current() never waits for a load.
@@ -89,6 +92,9 @@ class ModelManager {
                      const absl::Status& status);
 
   ManagerStatus Status() const;
+
+  // What the source is waiting for (empty once it has a candidate).
+  void SetWaitingFor(std::string reason);
 
   // Called after every successful publish, outside the lock.
   void SetOnPublished(std::function<void(const LoadedModel&)> callback);
@@ -112,6 +118,7 @@ class ModelManager {
   std::shared_ptr<const LoadedModel> current_ ABSL_GUARDED_BY(mu_);
   std::string last_error_ ABSL_GUARDED_BY(mu_);
   int64_t last_failed_version_ ABSL_GUARDED_BY(mu_) = 0;
+  std::string waiting_for_ ABSL_GUARDED_BY(mu_);
   std::function<void(const LoadedModel&)> on_published_ ABSL_GUARDED_BY(mu_);
 };
 

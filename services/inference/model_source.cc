@@ -118,6 +118,12 @@ void RegistrySource::Run() {
     kennel::v1::WatchModelResponse response;
     while (watch->Next(&response)) {
       backoff = absl::Milliseconds(250);
+      manager_->SetWaitingFor(
+          response.has_model()
+              ? std::string()
+              : absl::StrCat("the registry at ", options_.client.address,
+                             " has no version of ", options_.ref,
+                             " (push one, or check --model)"));
       if (!response.has_model()) {
         LOG(WARNING) << options_.ref
                      << " points at no version; the current model (if any) "
@@ -134,6 +140,9 @@ void RegistrySource::Run() {
       LOG(WARNING) << "watch of " << options_.ref << " on "
                    << options_.client.address << " ended: " << watch->status()
                    << "; watching again in " << backoff;
+      manager_->SetWaitingFor(
+          absl::StrCat("the registry at ", options_.client.address,
+                       " cannot be followed: ", watch->status().message()));
       // Waits for the backoff or for Stop, whichever comes first.
       mu_.AwaitWithTimeout(
           absl::Condition(

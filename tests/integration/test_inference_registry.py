@@ -69,6 +69,25 @@ class RegistryFollowingTest(unittest.TestCase):
     def status(self, stub):
         return stub.GetModelStatus(pb.GetModelStatusRequest(), timeout=10)
 
+    def test_a_model_the_registry_does_not_have_is_named_as_the_reason(self):
+        inference = kt.Service("inference", f"--registry={self.registry.addr}",
+                               "--model=nosuch@production",
+                               f"--cache-dir={tempfile.mkdtemp(dir=self.tmp)}",
+                               workdir=tempfile.mkdtemp(dir=self.tmp)).start()
+        self.addCleanup(inference.stop)
+        stub = pb_grpc.ClassifierStub(kt.channel(inference.addr))
+
+        def details():
+            try:
+                stub.Classify(pb.ClassifyRequest(image=image_bytes(1)), timeout=10)
+            except grpc.RpcError as e:
+                self.assertEqual(e.code(), grpc.StatusCode.UNAVAILABLE)
+                return e.details()
+            self.fail("a classification was answered without a model")
+
+        kt.wait_until(lambda: "has no version of nosuch@production" in details(),
+                      timeout=30, what="the reason to reach the answer")
+
     def test_follow_swap_under_load_and_refuse_broken_versions(self):
         v1 = self.push(kt.export_test_model(os.path.join(self.tmp, "v1.pt"), 3, seed=1),
                        V1_LABELS, "--alias", "production")
@@ -297,11 +316,13 @@ class RegistryFollowingTest(unittest.TestCase):
                            workdir=tempfile.mkdtemp(dir=tmp)).start()
         self.addCleanup(other.kill)
         other.wait_for_log(r"no version of lg from .* waiting for the registry", timeout=30)
+        other.wait_for_log(r"watch of lg on .* ended", timeout=30)
         stub = pb_grpc.ClassifierStub(kt.channel(other.addr))
         self.assertFalse(self.status(stub).ready)
         with self.assertRaises(grpc.RpcError) as caught:
             stub.Classify(pb.ClassifyRequest(image=image_bytes(3)), timeout=10)
         self.assertEqual(caught.exception.code(), grpc.StatusCode.UNAVAILABLE)
+        self.assertIn("cannot be followed", caught.exception.details())
         # The first one still serves beside it.
         self.assertEqual(classify().model_version, good3)
 
