@@ -2,9 +2,13 @@
 // a live leaderboard, and draws its report.
 #include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
+#include <cstring>
+#include <filesystem>
 #include <iostream>
 #include <thread>
 
@@ -309,12 +313,33 @@ absl::Status Follow(kennel::v1::Trainer::Stub& stub,
   }
 }
 
+// The report folder is made and checked before a search starts, so that a
+// search is not run for an hour and then fail to write its report.
+absl::Status CheckReportFolder(const std::string& dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot create report folder ", dir, ": ", ec.message(),
+                     "; nothing was started"));
+  }
+  if (access(dir.c_str(), W_OK) != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot write to report folder ", dir, ": ",
+                     std::strerror(errno), "; nothing was started"));
+  }
+  return absl::OkStatus();
+}
+
 int RunTune(const std::vector<std::string>& args) {
   if (!args.empty()) {
     return UsageError("tune takes no arguments; see kennel tune --help");
   }
   auto options = ClientOptionsFromFlags(kTrainerAddr);
   if (!options.ok()) return Fail(options.status());
+  if (const std::string report = absl::GetFlag(FLAGS_report); !report.empty()) {
+    if (absl::Status s = CheckReportFolder(report); !s.ok()) return Fail(s);
+  }
   auto channel = MakeChannel(*options);
   if (!channel.ok()) return Fail(channel.status());
   auto stub = kennel::v1::Trainer::NewStub(*channel);

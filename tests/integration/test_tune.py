@@ -128,6 +128,18 @@ class TuneTest(unittest.TestCase):
                 self.assertIn(message, caught.exception.details())
         self.assertEqual(self.job_count(), before)
 
+    def test_a_report_folder_that_cannot_be_written_starts_nothing(self):
+        before = self.job_count()
+        blocker = os.path.join(tempfile.mkdtemp(prefix="kennel-tune-report-"), "file")
+        with open(blocker, "w") as f:
+            f.write("a file where the report folder would go\n")
+        r = kt.kennel("tune", "--data", "fm", "--backbone", "small_cnn.pt",
+                      "--report", os.path.join(blocker, "report"), addr=self.trainer.addr)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("cannot create report folder", r.stderr)
+        self.assertIn("nothing was started", r.stderr)
+        self.assertEqual(self.job_count(), before)
+
     def test_head_search_registers_the_best_trial_and_draws_the_report(self):
         report = os.path.join(self.tmp, "report")
         result = kt.kennel(
