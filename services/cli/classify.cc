@@ -2,6 +2,9 @@
 // classes of each, with the model version that answered.
 #include <grpcpp/grpcpp.h>
 
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -65,9 +68,17 @@ int RunClassify(const std::vector<std::string>& args) {
   std::vector<std::string> json_items;
   int failed = 0;
   for (const std::string& path : args) {
+    std::error_code ec;
+    if (std::filesystem::is_directory(path, ec)) {
+      std::cerr << "kennel: " << path
+                << ": is a folder; name the image files in it\n";
+      ++failed;
+      continue;
+    }
     std::ifstream in(path, std::ios::binary);
     if (!in) {
-      std::cerr << "kennel: " << path << ": cannot read the file\n";
+      std::cerr << "kennel: " << path
+                << ": cannot read the file: " << std::strerror(errno) << "\n";
       ++failed;
       continue;
     }

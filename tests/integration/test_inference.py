@@ -247,6 +247,13 @@ class LocalModelTest(unittest.TestCase):
         self.assertEqual(failed.returncode, 1)
         self.assertIn("INVALID_ARGUMENT", failed.stderr)
         self.assertEqual(kt.kennel("classify", addr=self.server.addr).returncode, 2)
+        # Files that cannot be read say why; the readable one is still answered.
+        missing = os.path.join(self.tmp, "missing.jpg")
+        failed = kt.kennel("classify", self.tmp, missing, png, addr=self.server.addr)
+        self.assertEqual(failed.returncode, 1)
+        self.assertIn(f"{self.tmp}: is a folder", failed.stderr)
+        self.assertIn("cannot read the file: No such file or directory", failed.stderr)
+        self.assertIn("pic.png", failed.stdout)
 
 
 class UnservableFileTest(unittest.TestCase):
