@@ -132,12 +132,12 @@ absl::Status Server::Start() {
   LOG(INFO) << options_.name << " listening on "
             << listen.substr(0, listen.rfind(':')) << ":" << port_
             << (options_.tls_cert.empty() ? " (plaintext)" : " (TLS)")
-            << "; metrics on "
             << (metrics_.port()
-                    ? absl::StrCat(options_.metrics_listen.substr(
+                    ? absl::StrCat("; metrics on ",
+                                   options_.metrics_listen.substr(
                                        0, options_.metrics_listen.rfind(':')),
                                    ":", metrics_.port(), "/metrics")
-                    : std::string("(off)"));
+                    : std::string("; metrics off"));
   return absl::OkStatus();
 }
 

@@ -475,10 +475,13 @@ int JobsCancel(kennel::v1::Trainer::Stub& stub, const ClientOptions& options,
   if (absl::GetFlag(FLAGS_json)) {
     std::cout << ToJson(job) << "\n";
   } else {
+    const bool ended = job.state() != kennel::v1::JOB_STATE_RUNNING &&
+                       job.state() != kennel::v1::JOB_STATE_QUEUED;
     std::cout << job.id() << " " << StateName(job.state())
               << (job.state() == kennel::v1::JOB_STATE_RUNNING
                       ? " (stops at its next step)"
                       : "")
+              << (ended ? " (it had already ended; nothing was cancelled)" : "")
               << "\n";
   }
   return kExitOk;

@@ -115,6 +115,12 @@ absl::StatusOr<kennel::v1::TuneRequest> RequestFromFlags() {
     return absl::InvalidArgumentError(absl::StrCat(
         "--objective=", objective, ": use valid_loss or valid_accuracy"));
   }
+  if (absl::GetFlag(FLAGS_trials) < 1) {
+    return absl::InvalidArgumentError("--trials must be at least 1");
+  }
+  if (absl::GetFlag(FLAGS_parallel) < 1) {
+    return absl::InvalidArgumentError("--parallel must be at least 1");
+  }
   request.set_max_trials(absl::GetFlag(FLAGS_trials));
   request.set_max_parallel_trials(absl::GetFlag(FLAGS_parallel));
   request.set_seed(absl::GetFlag(FLAGS_seed));

@@ -1,6 +1,7 @@
 // kennel-trainer: trains classifiers and streams their progress.
 #include <glog/logging.h>
 
+#include <filesystem>
 #include <memory>
 
 #include "absl/flags/flag.h"
@@ -119,6 +120,13 @@ int main(int argc, char** argv) {
     return 1;
   }
   kennel::trainer::SetComputeThreads(threads);
+  if (std::error_code ec;
+      !options.data_root.empty() &&
+      !std::filesystem::is_directory(options.data_root, ec)) {
+    LOG(WARNING) << "--data-root " << options.data_root
+                 << " is not a folder here; every local data set will be "
+                    "refused until it exists (s3:// data sets still work)";
+  }
   LOG(INFO) << "data root "
             << (options.data_root.empty() ? "(none)" : options.data_root)
             << ", cache " << options.cache_dir << ", jobs "

@@ -37,7 +37,8 @@ BINARIES = {
     "kennel": "services/cli/kennel",
 }
 
-_LISTEN_RE = re.compile(r"listening on ([0-9.]+|\[[0-9a-f:]+\]):(\d+) .*?metrics on (\S+)")
+_LISTEN_RE = re.compile(
+    r"listening on ([0-9.]+|\[[0-9a-f:]+\]):(\d+) .*?metrics (?:on (\S+)|off)")
 
 
 def binary(name):
@@ -105,7 +106,7 @@ class Service:
             if m:
                 self.port = int(m.group(2))
                 metrics = m.group(3)
-                if metrics != "(off)":
+                if metrics:
                     self.metrics_port = int(metrics.split(":")[1].split("/")[0])
                 return self
             if self.proc.poll() is not None:

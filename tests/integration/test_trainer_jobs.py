@@ -98,6 +98,9 @@ class TrainerJobsTest(unittest.TestCase):
         epochs = [e for e in events if e.HasField("epoch")]
         self.assertLess(len(epochs), 50)
         self.assertEqual(job.model_ref, "")
+        # Cancelling it again says there was nothing left to cancel.
+        again = kt.kennel("jobs", "cancel", job_id, addr=self.trainer.addr, check=True)
+        self.assertIn("nothing was cancelled", again.stdout)
 
     def test_jobs_beyond_the_limit_queue(self):
         first, _ = self.start_and_leave(slow_request(epochs=6), until="started")

@@ -128,6 +128,13 @@ class TuneTest(unittest.TestCase):
                 self.assertIn(message, caught.exception.details())
         self.assertEqual(self.job_count(), before)
 
+    def test_trial_counts_below_one_are_usage_errors(self):
+        for flag in ("--trials", "--parallel"):
+            r = kt.kennel("tune", "--data", "fm", "--backbone", "small_cnn.pt", flag, "0",
+                          addr=self.trainer.addr)
+            self.assertEqual(r.returncode, 2, r.stderr)
+            self.assertIn(f"{flag} must be at least 1", r.stderr)
+
     def test_a_report_folder_that_cannot_be_written_starts_nothing(self):
         before = self.job_count()
         blocker = os.path.join(tempfile.mkdtemp(prefix="kennel-tune-report-"), "file")
