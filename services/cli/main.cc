@@ -217,6 +217,10 @@ int main(int argc, char** argv) {
     }
   }
   for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--version") == 0) {
+      std::cout << "kennel " << KENNEL_VERSION << "\n";
+      return kExitOk;
+    }
     if (IsHelp(argv[i])) {
       auto it = command_name ? Commands().find(command_name) : Commands().end();
       std::cout << (it == Commands().end() ? TopLevelHelp() : it->second.help);

@@ -257,6 +257,10 @@ class CliTest(unittest.TestCase):
         r = kt.kennel("health", "--help", check=True)
         self.assertIn("Usage: kennel health", r.stdout)
 
+    def test_version(self):
+        r = kt.kennel("--version", check=True)
+        self.assertRegex(r.stdout, r"^kennel \d+\.\d+")
+
     def test_unknown_command_is_a_usage_error(self):
         r = kt.kennel("frobnicate")
         self.assertEqual(r.returncode, 2)
