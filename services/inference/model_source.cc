@@ -118,18 +118,16 @@ void RegistrySource::Run() {
     kennel::v1::WatchModelResponse response;
     while (watch->Next(&response)) {
       backoff = absl::Milliseconds(250);
-      manager_->SetWaitingFor(
-          response.has_model()
-              ? std::string()
-              : absl::StrCat("the registry at ", options_.client.address,
-                             " has no version of ", options_.ref,
-                             " (push one, or check --model)"));
       if (!response.has_model()) {
         LOG(WARNING) << options_.ref
                      << " points at no version; the current model (if any) "
                         "keeps serving";
+        manager_->SetWaitingFor(absl::StrCat(
+            "the registry at ", options_.client.address, " has no version of ",
+            options_.ref, " (push one, or check --model)"));
         continue;
       }
+      manager_->SetWaitingFor("");
       Handle(response.model());
       absl::MutexLock lock(&mu_);
       if (stopping_) break;
