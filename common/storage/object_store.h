@@ -9,6 +9,8 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -88,6 +90,18 @@ class ScopedCallLimits {
  private:
   std::shared_ptr<const CallLimits> previous_;
 };
+
+// Starts a thread that works for the current request: `work` runs under the
+// limits installed on the calling thread, so its storage calls end with the
+// request's deadline and stop when its caller goes.
+template <typename F>
+std::thread ThreadForRequest(F work) {
+  return std::thread(
+      [limits = CurrentCallLimits(), work = std::move(work)]() mutable {
+        ScopedCallLimits scope(limits);
+        work();
+      });
+}
 
 // Receives the bytes of a read in order; an error stops the read and is
 // returned from it.

@@ -903,10 +903,7 @@ class S3Writer : public ObjectWriter {
     }
     // The parts go up within the limits of the request that writes them.
     for (int i = 0; i < store_->settings().part_parallelism; ++i) {
-      workers_.emplace_back([this, limits = CurrentCallLimits()] {
-        ScopedCallLimits scope(limits);
-        Work();
-      });
+      workers_.push_back(ThreadForRequest([this] { Work(); }));
     }
     return absl::OkStatus();
   }

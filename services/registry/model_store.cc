@@ -127,10 +127,7 @@ class SegmentReader {
   absl::Status Run(const ModelStore::ChunkSink& sink) {
     std::vector<std::thread> workers;
     for (int i = 0; i < threads_; ++i) {
-      workers.emplace_back([this, limits = storage::CurrentCallLimits()] {
-        storage::ScopedCallLimits scope(limits);
-        Work();
-      });
+      workers.push_back(storage::ThreadForRequest([this] { Work(); }));
     }
     absl::Status status;
     for (int64_t number = 0; number < count_ && status.ok(); ++number) {
@@ -284,10 +281,7 @@ BlobUpload::BlobUpload(std::string digest, int64_t size,
   if (size_ >= kThreadedUploadBytes) {
     // It writes for the request that pushes, within that request's limits.
     writing_ = std::make_unique<std::thread>(
-        [this, limits = storage::CurrentCallLimits()] {
-          storage::ScopedCallLimits scope(limits);
-          WriteLoop();
-        });
+        storage::ThreadForRequest([this] { WriteLoop(); }));
   }
 }
 
@@ -396,10 +390,7 @@ absl::Status BlobUpload::Finish() {
   std::unique_ptr<std::thread> indexing;
   if (writing_ != nullptr) {
     indexing = std::make_unique<std::thread>(
-        [&write_index, limits = storage::CurrentCallLimits()] {
-          storage::ScopedCallLimits scope(limits);
-          write_index();
-        });
+        storage::ThreadForRequest([&write_index] { write_index(); }));
   }
   absl::Status stored = StopWriting(/*discard=*/false);
   if (stored.ok()) stored = writer_->Commit();
